@@ -1,0 +1,57 @@
+"""Strategy registry: a name, or ``package.module:Class`` for a strategy outside the repository."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from conditioning.base import ConditioningStrategy
+
+# Built-ins, as "module:Class" strings so that listing names imports nothing.
+BUILTIN: dict[str, str] = {
+    "full_scale": "conditioning.full_scale:FullScale",
+    "max_scale": "conditioning.max_scale:MaxScale",
+    "sar": "conditioning.sar:SAR",
+}
+_registered: dict[str, type[ConditioningStrategy]] = {}
+
+
+def register(cls: type[ConditioningStrategy]) -> type[ConditioningStrategy]:
+    """Class decorator: make ``cls`` selectable by ``cls.name`` (``conditioning.name: <name>``)."""
+    _registered[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    return sorted(set(BUILTIN) | set(_registered))
+
+
+def _import(path: str) -> type[ConditioningStrategy]:
+    module_name, _, attr = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise KeyError(f"cannot import strategy {path!r}: {err}") from None
+    if not (isinstance(cls, type) and issubclass(cls, ConditioningStrategy)):
+        raise TypeError(f"{path!r} is not a ConditioningStrategy subclass")
+    return cls
+
+
+def resolve(name: str) -> type[ConditioningStrategy]:
+    """The strategy class of ``name``; unknown names fail with the list of registered ones."""
+    if name in _registered:
+        return _registered[name]
+    if name in BUILTIN:
+        return _import(BUILTIN[name])
+    if ":" in name:
+        return _import(name)
+    raise KeyError(f"unknown conditioning strategy {name!r}; registered: {available()} (or use 'package.module:Class')")
+
+
+def build(name: str, options: dict[str, Any] | None = None) -> ConditioningStrategy:
+    return resolve(name).from_dict(options)
+
+
+def validate_options(name: str, options: dict[str, Any] | None) -> None:
+    """Raise KeyError/TypeError/ValueError with a clear message if ``name``/``options`` are invalid."""
+    build(name, options)

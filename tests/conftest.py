@@ -1,0 +1,60 @@
+"""Shared fixtures: restore global state after every test, keep W&B offline in a temp dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures" / "reference"
+FIXTURE_FILES = sorted(FIXTURES.glob("*.pt")) if FIXTURES.is_dir() else []
+
+_RESTORED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "OMP_NUM_THREADS", "PL_GLOBAL_SEED")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
+    """Undo what Lightning/DDP/W&B leak: env vars, torch threads, default dtype, process groups."""
+    saved_env = {k: os.environ.get(k) for k in _RESTORED_ENV}
+    threads = torch.get_num_threads()
+    dtype = torch.get_default_dtype()
+    wandb_dir = tmp_path_factory.mktemp("wandb")
+    for key in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(key, str(wandb_dir))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    for key, value in saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def fixture_files() -> list[Path]:
+    if not FIXTURE_FILES:
+        pytest.skip(f"reference fixtures not found under {FIXTURES} (../shared is absent)")
+    return FIXTURE_FILES

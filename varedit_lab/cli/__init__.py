@@ -1,0 +1,44 @@
+"""``varedit-lab``: thin subcommands that parse arguments and call the library.
+
+Each module in ``COMMANDS`` defines ``register(subparsers)``; heavy imports happen inside the command
+so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+COMMANDS = [
+    "varedit_lab.cli.config_cmd",
+    "varedit_lab.cli.check_reference",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="varedit-lab",
+        description="Ablate source conditioning in visual-autoregressive image editing (VAREdit).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # noqa: BLE001 - turn library errors into one clear line
+        from varedit_lab.config import ConfigError
+
+        if isinstance(err, (ConfigError, FileNotFoundError)):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+    return int(code or 0)

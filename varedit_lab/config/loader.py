@@ -1,0 +1,214 @@
+"""Load a run config: YAML (with ``base:`` includes) + ``key=value`` overrides onto the schema.
+
+Order of precedence, lowest first: schema defaults, the ``base:`` files (in order, recursively),
+the file itself, then command-line overrides. A ``<section>=<preset>`` override (for example
+``trainer=ddp_sim``) merges ``experiments/<section>/<preset>.yaml`` before the other overrides.
+Every failure raises :class:`ConfigError` naming the key, the file and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from varedit_lab.config.schema import RunConfig
+
+# String options with a closed set of values. Checked after merging; the message lists the choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task": ("editor", "tokenizer"),
+    "model.rope_layout": ("reference_compat", "paper"),
+    "model.attention": ("blockwise", "masked", "flex"),
+    "optim.schedule": ("constant", "cosine"),
+    "trainer.strategy": ("auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp", "fsdp2"),
+    "logger.mode": ("offline", "online", "disabled"),
+    "text.dtype": ("float32", "bfloat16", "float16"),
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and how to fix it."""
+
+
+def experiments_dir() -> Path:
+    """The repository's ``experiments/`` folder (editable install) or ``./experiments``."""
+    repo = Path(__file__).resolve().parents[2] / "experiments"
+    return repo if repo.is_dir() else Path.cwd() / "experiments"
+
+
+def _schema_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(node):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            keys.extend(_schema_keys(value, key + "."))
+    return keys
+
+
+_ALL_KEYS = _schema_keys(RunConfig())
+
+
+def _closest(key: str) -> str:
+    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    same_section = [k for k in _ALL_KEYS if k.startswith(section) and k.count(".") == key.count(".")]
+    match = difflib.get_close_matches(key, same_section or _ALL_KEYS, n=1, cutoff=0.0)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _key_of(err: OmegaConfBaseException) -> str:
+    full_key = getattr(err, "full_key", None)
+    return str(full_key) if full_key else "?"
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except ConfigKeyError as err:
+        key = _key_of(err)
+        raise ConfigError(f"{source}: unknown key '{key}'.{_closest(key)}") from None
+    except ValidationError as err:
+        key = _key_of(err)
+        expected = _expected_type(key)
+        raise ConfigError(f"{source}: wrong type for '{key}': {err.msg.splitlines()[0]}{expected}") from None
+
+
+def _expected_type(key: str) -> str:
+    node: Any = RunConfig()
+    ftype = None
+    for part in key.split("."):
+        match = [f for f in fields(node) if f.name == part] if is_dataclass(node) else []
+        if not match:
+            return ""
+        ftype = match[0].type
+        node = getattr(node, part)
+    return f" (expected {ftype})" if ftype else ""
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Read one YAML file with its ``base:`` chain resolved (bases merged first, in order)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'base:' include ({' -> '.join(str(p) for p in seen)})")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors
+        raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: a config file must be a mapping, got {type(raw).__name__}")
+    bases = raw.pop("base", None)
+    merged = OmegaConf.create({})
+    if bases is not None:
+        base_list = [bases] if isinstance(bases, str) else list(bases)
+        for base in base_list:
+            merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(base), seen + (path,)))
+    return OmegaConf.merge(merged, raw)  # type: ignore[return-value]
+
+
+def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate ``section=preset`` group selections from plain dotlist overrides."""
+    sections = {f.name for f in fields(RunConfig) if is_dataclass(getattr(RunConfig(), f.name))}
+    presets, dotlist = [], []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        key = key.lstrip("-")  # accept --key=value as W&B's ${args} writes it
+        if key in sections:
+            presets.append(f"{key}={value}")
+        else:
+            dotlist.append(f"{key}={value}")
+    return presets, dotlist
+
+
+def _preset_file(section: str, name: str) -> Path:
+    path = experiments_dir() / section / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in (experiments_dir() / section).glob("*.yaml"))
+        raise ConfigError(f"override '{section}={name}': no preset {path}. Available: {available}")
+    return path
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> DictConfig:
+    """Resolve the run config of ``path`` (optional) plus overrides; validate it; return it."""
+    cfg: DictConfig = OmegaConf.structured(RunConfig)
+    if path is not None:
+        cfg = _merge(cfg, _read_yaml(Path(path)), str(path))
+    presets, dotlist = _split_overrides(list(overrides))
+    for item in presets:
+        section, name = item.split("=", 1)
+        preset = _preset_file(section, name)
+        cfg = _merge(cfg, _read_yaml(preset), str(preset))
+    for item in dotlist:
+        try:
+            override = OmegaConf.from_dotlist([item])
+        except Exception as err:
+            raise ConfigError(f"override '{item}': {err}") from None
+        cfg = _merge(cfg, override, f"override '{item}'")
+    validate(cfg, source=str(path) if path else "<overrides>")
+    return cfg
+
+
+def validate(cfg: DictConfig, source: str = "config") -> None:
+    """Check the closed-choice strings and the conditioning strategy name/options."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{source}: '{key}' is {value!r}; valid choices: {list(choices)}")
+    from conditioning.registry import validate_options  # light: no torch import for built-ins
+
+    try:
+        validate_options(cfg.conditioning.name, OmegaConf.to_container(cfg.conditioning.options))
+    except (KeyError, TypeError, ValueError) as err:
+        msg = err.args[0] if err.args else str(err)
+        raise ConfigError(f"{source}: conditioning: {msg}") from None
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """Plain-container form for loggers (W&B shows raw DictConfigs badly)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def config_hash(cfg: DictConfig, exclude: Sequence[str] = ("resume", "output_dir", "logger", "trainer.progress_bar")) -> str:
+    """A short stable hash of the settings that define a run (not where or how it is logged)."""
+    data = to_dict(cfg)
+    for key in exclude:
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.get(part, {})
+        node.pop(parts[-1], None)
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+__all__ = [
+    "CHOICES",
+    "ConfigError",
+    "config_hash",
+    "experiments_dir",
+    "load_config",
+    "save_config",
+    "to_dict",
+    "to_yaml",
+    "validate",
+]

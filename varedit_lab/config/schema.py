@@ -1,0 +1,169 @@
+"""Structured run configuration: one dataclass per concern.
+
+The YAML files under ``experiments/`` and ``key=value`` overrides are merged into these schemas by
+:func:`varedit_lab.config.load_config`; OmegaConf then checks every key and type. This module imports
+nothing heavy so that ``varedit-lab config show`` stays instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class ModelConfig:
+    """The editing transformer. ``None`` fields are filled from ``preset``."""
+
+    preset: str = "tiny"  # tiny | infinity_2b | infinity_8b (see varedit_lab.model.presets)
+    depth: Optional[int] = None
+    width: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    text_channels: Optional[int] = None  # width of the text features (2048 for flan-t5-xl)
+    text_maxlen: Optional[int] = None  # rows of the learned unconditional text (512 released)
+    # Square token grids, coarse to fine. The released 256 px schedule is [1, 2, 4, 6, 8, 12, 16].
+    scales: List[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16])
+    # reference_compat: the released RoPE table (1M schedule, sliced; needed by released weights).
+    # paper: 2-D star positions, source at the finest grid + (64, 64) (the paper's Eq. 9-10).
+    rope_layout: str = "paper"
+    # blockwise: one SDPA call per query block over exactly its visible keys (no padding, no mask);
+    # masked: one SDPA call with a boolean block mask; flex: flex_attention (GPU only).
+    attention: str = "blockwise"
+    drop_path_rate: float = 0.0
+    cond_drop_rate: float = 0.1  # text-only condition dropout (training mode only)
+    activation_checkpointing: bool = False  # per block
+    compile_blocks: bool = False  # torch.compile each block
+    init_from: Optional[str] = None  # released VAREdit/Infinity .pth to fine-tune from (strict load)
+
+
+@dataclass
+class TokenizerConfig:
+    """The visual tokenizer (BSQ VAE). ``checkpoint`` points at a trained or released VAE."""
+
+    checkpoint: Optional[str] = None
+    codebook_dim: int = 16  # d: bits per VAE position
+    patch_size: int = 8  # VAE stride (8 or 16)
+    base_ch: int = 32
+    encoder_ch_mult: List[int] = field(default_factory=lambda: [1, 2, 2, 4])
+    decoder_ch_mult: List[int] = field(default_factory=lambda: [1, 2, 2, 4])
+    num_res_blocks: int = 1
+    norm_num_groups: int = 8
+    apply_spatial_patchify: bool = False  # 2x2 pixel_unshuffle into transformer tokens (8B style)
+    # Tokenizer training only (task=tokenizer).
+    entropy_loss_weight: float = 0.01
+    commitment_loss_weight: float = 0.25
+    scales: List[int] = field(default_factory=lambda: [1, 2, 4, 6, 8])
+
+
+@dataclass
+class TextConfig:
+    """Frozen T5 text encoder: a local HF folder (flan-t5-xl) or a tiny random T5 built from config."""
+
+    path: Optional[str] = None  # local T5 folder; None builds the tiny random encoder below
+    max_length: int = 512
+    tiny_d_model: int = 128
+    tiny_num_layers: int = 2
+    tiny_num_heads: int = 4
+    tiny_d_ff: int = 256
+    tiny_seed: int = 0
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+
+@dataclass
+class ConditioningConfig:
+    """Which source-conditioning strategy and its options (validated by the strategy itself)."""
+
+    name: str = "sar"  # registered name or "package.module:Class"
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    train_shards: Optional[str] = None  # brace pattern or list of local/remote URLs
+    val_shards: Optional[str] = None
+    image_size: int = 64
+    batch_size: int = 16
+    num_workers: int = 0
+    batches_per_epoch: int = 100  # nominal epoch length (training resamples shards)
+    shuffle_buffer: int = 256
+    val_samples: int = 16  # fixed validation list, equal on every rank
+    strict: bool = False  # raise on a bad sample instead of counting and skipping it
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.97])
+    weight_decay: float = 0.005
+    warmup_steps: int = 50
+    schedule: str = "constant"  # constant (after warm-up, as the reference trains) | cosine
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 5.0
+    ema_decay: Optional[float] = None  # e.g. 0.999; None disables the EMA copy
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ddp_fork | fsdp | fsdp2
+    precision: str = "32-true"
+    max_steps: int = 200
+    val_every_n_steps: int = 100
+    log_every_n_steps: int = 10
+    accumulate_grad_batches: int = 1
+    deterministic: bool = False
+    num_threads: Optional[int] = None  # torch intra-op threads per process
+    progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "varedit-lab"
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    log_images: bool = True
+
+
+@dataclass
+class SamplingConfig:
+    """Decoding settings for validation edits and `varedit-lab edit`."""
+
+    cfg: float = 4.0
+    tau: float = 0.5
+    top_k: int = 0  # a no-op on 2-class bits; kept for parity with the release
+    top_p: float = 0.97
+    greedy: bool = False
+    num_val_edits: int = 8
+
+
+@dataclass
+class ProbesConfig:
+    every_n_val: int = 0  # 0 disables the live probe callback
+    layers: List[int] = field(default_factory=list)  # empty = every layer
+    heads: List[int] = field(default_factory=list)  # empty = every head
+    radius: float = 1.0  # locality radius in finest-source tokens
+    num_samples: int = 2
+
+
+@dataclass
+class RunConfig:
+    task: str = "editor"  # editor | tokenizer
+    name: Optional[str] = None  # run name; default derived from the config
+    seed: int = 0
+    output_dir: str = "runs"
+    resume: Optional[str] = None  # a checkpoint path, or "auto" (last.ckpt of this run)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
