@@ -14,6 +14,7 @@ from typing import Sequence
 COMMANDS = [
     "varedit_lab.cli.config_cmd",
     "varedit_lab.cli.check_reference",
+    "varedit_lab.cli.train",
 ]
 
 

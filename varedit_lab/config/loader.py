@@ -24,9 +24,10 @@ from varedit_lab.config.schema import RunConfig
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("editor", "tokenizer"),
     "model.rope_layout": ("reference_compat", "paper"),
-    "model.attention": ("blockwise", "masked", "flex"),
+    "model.attention": ("blockwise", "masked"),
     "optim.schedule": ("constant", "cosine"),
-    "trainer.strategy": ("auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp", "fsdp2"),
+    "trainer.checkpoint_mode": ("min", "max"),
+    "trainer.strategy": ("auto", "ddp", "ddp_spawn", "ddp_fork"),
     "logger.mode": ("offline", "online", "disabled"),
     "text.dtype": ("float32", "bfloat16", "float16"),
 }
@@ -143,6 +144,16 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     cfg: DictConfig = OmegaConf.structured(RunConfig)
     if path is not None:
         cfg = _merge(cfg, _read_yaml(Path(path)), str(path))
+    return _apply_overrides(cfg, overrides, str(path) if path else "<overrides>")
+
+
+def config_from_dict(data: dict[str, Any], overrides: Iterable[str] = (), source: str = "<dict>") -> DictConfig:
+    """A run config from a plain dict (e.g. the one saved in a checkpoint) plus overrides."""
+    cfg = _merge(OmegaConf.structured(RunConfig), OmegaConf.create(data), source)
+    return _apply_overrides(cfg, overrides, source)
+
+
+def _apply_overrides(cfg: DictConfig, overrides: Iterable[str], source: str) -> DictConfig:
     presets, dotlist = _split_overrides(list(overrides))
     for item in presets:
         section, name = item.split("=", 1)
@@ -154,7 +165,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         except Exception as err:
             raise ConfigError(f"override '{item}': {err}") from None
         cfg = _merge(cfg, override, f"override '{item}'")
-    validate(cfg, source=str(path) if path else "<overrides>")
+    validate(cfg, source=source)
     return cfg
 
 
@@ -204,6 +215,7 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
 __all__ = [
     "CHOICES",
     "ConfigError",
+    "config_from_dict",
     "config_hash",
     "experiments_dir",
     "load_config",

@@ -28,7 +28,7 @@ class ModelConfig:
     # paper: 2-D star positions, source at the finest grid + (64, 64) (the paper's Eq. 9-10).
     rope_layout: str = "paper"
     # blockwise: one SDPA call per query block over exactly its visible keys (no padding, no mask);
-    # masked: one SDPA call with a boolean block mask; flex: flex_attention (GPU only).
+    # masked: one SDPA call with a boolean token mask.
     attention: str = "blockwise"
     drop_path_rate: float = 0.0
     cond_drop_rate: float = 0.1  # text-only condition dropout (training mode only)
@@ -92,6 +92,16 @@ class DataConfig:
 
 
 @dataclass
+class LossConfig:
+    reweight_by_scale: bool = True  # the release's sqrt(S / n_s) per-token weights
+    label_smoothing: float = 0.0
+    # Bitwise self-correction (target inputs only; labels stay clean). Infinity pre-training used
+    # 13 scales at strength 0.3; the VAREdit paper is silent (off by default).
+    bsc_scales: int = 0
+    bsc_strength: float = 0.3
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.97])
@@ -108,7 +118,7 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: int = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | ddp_spawn | ddp_fork | fsdp | fsdp2
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ddp_fork
     precision: str = "32-true"
     max_steps: int = 200
     val_every_n_steps: int = 100
@@ -117,6 +127,9 @@ class TrainerConfig:
     deterministic: bool = False
     num_threads: Optional[int] = None  # torch intra-op threads per process
     progress_bar: bool = True
+    checkpoint_every_n_steps: int = 100  # periodic last.ckpt (for resume)
+    checkpoint_monitor: Optional[str] = "val/loss"  # best checkpoint by this metric (None: off)
+    checkpoint_mode: str = "min"
 
 
 @dataclass
@@ -162,6 +175,7 @@ class RunConfig:
     text: TextConfig = field(default_factory=TextConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

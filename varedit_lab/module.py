@@ -1,0 +1,257 @@
+"""The editor LightningModule: one module for every conditioning strategy.
+
+It wires the frozen tokenizer and text encoder (outside the trainable trunk and outside checkpoints),
+the transformer, and a strategy from the registry. Training is teacher-forced on all target scales
+with the release's bitwise loss; validation reports the teacher-forced loss and per-scale bit
+accuracy, then *generates* edits on a fixed batch (KV cache, CFG) and scores them on decoded pixels
+inside/outside the ground-truth mask against a copy-the-source baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from conditioning import build as build_strategy
+from conditioning.base import ConditioningPlan
+from varedit_lab.config import to_dict
+from varedit_lab.metrics import EditQuality, ScaleBitAccuracy
+from varedit_lab.model.build import build_transformer
+from varedit_lab.model.compat import load_released
+from varedit_lab.model.layout import ScaleSchedule
+from varedit_lab.model.loss import bitwise_loss
+from varedit_lab.model.transformer import TextFeatures
+from varedit_lab.text import TextEncoder
+
+FROZEN_PREFIXES = ("tokenizer.", "text_encoder.")
+# Infinity's no-weight-decay parameters (besides biases and other 1-D tensors).
+NO_DECAY_KEYS = ("cfg_uncond", "pos_start", "lvl_embed", "ada_gss", "scale_mul")
+
+
+@dataclass
+class EditInputs:
+    source_latent: torch.Tensor  # (B, d, H, W) continuous
+    target_bits: list[torch.Tensor]  # per scale (B, n_s, d')
+    teacher_inputs: torch.Tensor  # (B, T - 1, d')
+    text: TextFeatures
+
+
+def select_text(text: TextFeatures, n: int) -> TextFeatures:
+    return TextFeatures(text.features[:n], text.lengths[:n])
+
+
+def build_tokenizer(cfg: DictConfig):
+    from varedit_lab.tokenizer import BSQTokenizer, load_tokenizer
+
+    if cfg.tokenizer.checkpoint:
+        return load_tokenizer(cfg.tokenizer.checkpoint, cfg.tokenizer)
+    return BSQTokenizer.from_config(cfg.tokenizer)
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up, then constant (as the release trains) or cosine down to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EditorModule(pl.LightningModule):
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.schedule = ScaleSchedule.from_scales(cfg.model.scales)
+        self.strategy = build_strategy(cfg.conditioning.name, OmegaConf.to_container(cfg.conditioning.options))
+        self.tokenizer = build_tokenizer(cfg).eval().requires_grad_(False)
+        self.text_encoder = TextEncoder.from_config(cfg.text)
+        model_cfg = cfg.model
+        if model_cfg.text_channels is None:
+            model_cfg = OmegaConf.merge(model_cfg, {"text_channels": self.text_encoder.width})
+        elif model_cfg.text_channels != self.text_encoder.width:
+            raise ValueError(f"model.text_channels={model_cfg.text_channels} but the text encoder is {self.text_encoder.width} wide")
+        self.model = build_transformer(model_cfg, self.tokenizer.codebook_dim, self.tokenizer.apply_spatial_patchify)
+        if cfg.model.init_from:
+            load_released(self.model, cfg.model.init_from)
+        k = self.schedule.num_scales
+        self.val_bits = ScaleBitAccuracy(self.schedule.sizes)
+        self.copy_bits = ScaleBitAccuracy(self.schedule.sizes)
+        self.val_quality = EditQuality()
+        self.copy_quality = EditQuality()
+        self._edits_done = 0
+        self._grid: list[torch.Tensor] = []
+        self.num_scales = k
+
+    # ---------------------------------------------------------------------------------------------
+    # frozen parts
+    def train(self, mode: bool = True) -> "EditorModule":
+        super().train(mode)
+        self.tokenizer.eval()
+        self.text_encoder.eval()
+        return self
+
+    @property
+    def rope_layout(self) -> str:
+        return self.cfg.model.rope_layout
+
+    @property
+    def patchify(self) -> bool:
+        return bool(self.tokenizer.apply_spatial_patchify)
+
+    def flip_probs(self) -> list[float]:
+        """Bitwise self-correction: one flip fraction per noised scale, drawn per batch."""
+        n, strength = self.cfg.loss.bsc_scales, self.cfg.loss.bsc_strength
+        if not self.training or n <= 0:
+            return []
+        steps = torch.randint(0, int(round(strength * 100)) + 1, (n,), generator=self.step_generator())
+        return (steps.float() / 100).tolist()
+
+    def step_generator(self, salt: int = 0) -> torch.Generator:
+        """Randomness of a training step as a function of (seed, step, rank): resumes reproduce it."""
+        seed = (self.cfg.seed * 1_000_003 + self.global_step * 10_007 + self.global_rank * 101 + salt) % (2**63)
+        return torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def encode_batch(self, batch: dict[str, Any], flip_probs: list[float] = ()) -> EditInputs:
+        source_latent = self.tokenizer.encode_latent(batch["source"])
+        target = self.tokenizer.encode_target(batch["target"], self.schedule, flip_probs=flip_probs, generator=self.step_generator(1))
+        text = self.text_encoder.encode(batch["instruction"]).to(self.device)
+        return EditInputs(source_latent, target.bits, target.teacher_inputs, text)
+
+    def plan(self, source_latent: torch.Tensor) -> ConditioningPlan:
+        return self.strategy.plan(source_latent, self.schedule, self.rope_layout, self.patchify)
+
+    # ---------------------------------------------------------------------------------------------
+    # training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        inputs = self.encode_batch(batch, self.flip_probs())
+        logits = self.model(self.plan(inputs.source_latent), inputs.teacher_inputs, inputs.text, generator=self.step_generator(2))
+        out = bitwise_loss(logits, torch.cat(inputs.target_bits, 1), self.schedule, self.cfg.loss.reweight_by_scale, self.cfg.loss.label_smoothing)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({out.loss.item()}) at step {self.global_step}; "
+                f"stopping. Try a lower optim.lr (now {self.cfg.optim.lr}) or check the inputs."
+            )
+        batch_size = inputs.teacher_inputs.shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/bit_acc", out.scale_bit_acc.mean(), batch_size=batch_size)
+        for k in range(self.num_scales):
+            self.log(f"train/scale{k}_loss", out.scale_loss[k], batch_size=batch_size)
+            self.log(f"train/scale{k}_bit_acc", out.scale_bit_acc[k], batch_size=batch_size)
+        return out.loss
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or any(k in name for k in NO_DECAY_KEYS) else decay).append(param)
+        opt_cfg = self.cfg.optim
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": opt_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=opt_cfg.lr,
+            betas=tuple(opt_cfg.betas),
+        )
+        total = self.cfg.trainer.max_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_lambda(step, opt_cfg.warmup_steps, total, opt_cfg.schedule, opt_cfg.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------------
+    # validation
+    def on_validation_epoch_start(self) -> None:
+        self._edits_done = 0
+        self._grid = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        inputs = self.encode_batch(batch)
+        plan = self.plan(inputs.source_latent)
+        target_bits = torch.cat(inputs.target_bits, 1)
+        logits = self.model(plan, inputs.teacher_inputs, inputs.text)
+        out = bitwise_loss(logits, target_bits, self.schedule, self.cfg.loss.reweight_by_scale)
+        batch_size = target_bits.shape[0]
+        self.log("val/loss", out.loss, batch_size=batch_size, sync_dist=True)
+        predicted = (logits.unflatten(-1, (-1, 2)).argmax(-1)).to(torch.uint8)
+        self.val_bits.update(predicted, target_bits)
+        source_bits = torch.cat(self.tokenizer.encode_target(batch["source"], self.schedule).bits, 1)
+        self.copy_bits.update(source_bits, target_bits)
+        self._validation_edits(batch, plan, inputs.text)
+
+    def _validation_edits(self, batch: dict[str, Any], plan: ConditioningPlan, text: TextFeatures) -> None:
+        n = min(self.cfg.sampling.num_val_edits - self._edits_done, plan.source_tokens.shape[0])
+        if n <= 0:
+            return
+        images = self.edit(ConditioningPlan(plan.layout, plan.source_tokens[:n]), select_text(text, n), seed=self._edits_done)
+        source, target = batch["source"][:n], batch["target"][:n]
+        has_mask = batch["has_mask"][:n].bool() if "has_mask" in batch else torch.zeros(n, dtype=torch.bool)
+        if has_mask.any():
+            mask = batch["mask"][:n][has_mask]
+            self.val_quality.update(images[has_mask], source[has_mask], target[has_mask], mask)
+            self.copy_quality.update(source[has_mask], source[has_mask], target[has_mask], mask)
+        if not self._grid:
+            self._grid = [source.cpu(), target.cpu(), images.cpu()]
+        self._edits_done += n
+
+    @torch.no_grad()
+    def edit(self, plan: ConditioningPlan, text: TextFeatures, seed: int = 0) -> torch.Tensor:
+        """Generate edited images (B, 3, H, W) in [-1, 1] with the configured sampling settings."""
+        s = self.cfg.sampling
+        generator = torch.Generator(device=plan.source_tokens.device).manual_seed(self.cfg.seed * 7919 + seed)
+        gen = self.model.generate(plan, text, cfg=s.cfg, tau=s.tau, top_k=s.top_k, top_p=s.top_p, greedy=s.greedy, generator=generator)
+        return self.tokenizer.decode(gen.bits, self.schedule)
+
+    def on_validation_epoch_end(self) -> None:
+        for prefix, bits, quality in (("val", self.val_bits, self.val_quality), ("val/copy", self.copy_bits, self.copy_quality)):
+            for name, value in bits.compute().items():
+                self.log(f"{prefix}/{name}" if prefix == "val" else f"{prefix}_{name}", value)
+            if quality.n_success + quality.n_preservation > 0:
+                for name, value in quality.compute().items():
+                    if not torch.isnan(value):
+                        self.log(f"{prefix}/{name}" if prefix == "val" else f"{prefix}_{name}", value)
+            bits.reset()
+            quality.reset()
+        if self._grid and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._save_grid()
+
+    def _save_grid(self) -> None:
+        from varedit_lab.images import image_grid, save_image
+
+        grid = image_grid(self._grid)
+        run_dir = Path(self.trainer.default_root_dir)
+        path = save_image(grid, run_dir / "val_edits" / f"step{self.global_step:06d}.png")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image") and self.cfg.logger.log_images:
+                logger.log_image(key="val/edits", images=[str(path)], caption=["source | target | edit (rows)"], step=self.global_step)
+
+    # ---------------------------------------------------------------------------------------------
+    # checkpoints: the frozen tokenizer / text encoder are rebuilt from config, not saved
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)}
+        checkpoint["varedit_config"] = to_dict(self.cfg)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith(FROZEN_PREFIXES):
+                state.setdefault(key, value)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, overrides: list[str] | None = None, map_location: str = "cpu") -> "EditorModule":
+        """Rebuild a trained editor from a Lightning checkpoint (its config travels inside)."""
+        from varedit_lab.config import config_from_dict
+
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        if "varedit_config" not in checkpoint:
+            raise ValueError(f"{path}: not a varedit-lab editor checkpoint (no 'varedit_config')")
+        module = cls(config_from_dict(checkpoint["varedit_config"], overrides or [], source=str(path)))
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=True)
+        return module.eval()
