@@ -45,7 +45,7 @@ def build_task(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataMod
     from varedit_lab.data.datamodule import EditDataModule
     from varedit_lab.module import EditorModule
 
-    return EditorModule(cfg), EditDataModule(cfg.data)
+    return EditorModule(cfg), EditDataModule(cfg.data, seed=cfg.seed)
 
 
 def wandb_mode(cfg: DictConfig) -> str:
