@@ -58,3 +58,22 @@ def fixture_files() -> list[Path]:
     if not FIXTURE_FILES:
         pytest.skip(f"reference fixtures not found under {FIXTURES} (../shared is absent)")
     return FIXTURE_FILES
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Real synthetic edit shards (64 px): 96 train samples in 8 shards, 24 val and 24 test in 2 each.
+
+    Returns {"dir": Path, "train"/"val"/"test": brace pattern, "<split>_files": list of paths,
+    "counts": {...}}. Generated once per session (about 0.3 s).
+    """
+    from varedit_lab.data.synth import shard_pattern, write_synthetic_shards
+
+    out = tmp_path_factory.mktemp("synthetic_shards")
+    counts = {"train": 96, "val": 24, "test": 24}
+    shards = write_synthetic_shards(out, counts, image_size=64, seed=0, samples_per_shard=12)
+    info: dict = {"dir": out, "counts": counts}
+    for split, files in shards.items():
+        info[split] = shard_pattern(out, split, len(files))
+        info[f"{split}_files"] = files
+    return info

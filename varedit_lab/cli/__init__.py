@@ -14,7 +14,9 @@ from typing import Sequence
 COMMANDS = [
     "varedit_lab.cli.config_cmd",
     "varedit_lab.cli.check_reference",
+    "varedit_lab.cli.data_cmd",
     "varedit_lab.cli.train",
+    "varedit_lab.cli.sweep_cmd",
 ]
 
 

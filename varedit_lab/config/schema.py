@@ -80,14 +80,20 @@ class ConditioningConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: Optional[str] = None  # brace pattern or list of local/remote URLs
-    val_shards: Optional[str] = None
-    image_size: int = 64
-    batch_size: int = 16
+    """Edit shards (see varedit_lab.data). A shard spec is a brace pattern ("dir/train-{000000..000007}.tar",
+    several joined by "::"), a directory (all *.tar), pipe:/http: URLs, or a list of these."""
+
+    train_shards: Optional[Any] = None  # needs >= world_size x max(1, num_workers) shards
+    val_shards: Optional[Any] = None
+    test_shards: Optional[Any] = None
+    image_size: int = 64  # resize to cover + centre-crop to this square
+    batch_size: int = 16  # per rank (validation/test too)
     num_workers: int = 0
-    batches_per_epoch: int = 100  # nominal epoch length (training resamples shards)
-    shuffle_buffer: int = 256
-    val_samples: int = 16  # fixed validation list, equal on every rank
+    batches_per_epoch: int = 100  # nominal epoch length per rank (training resamples shards)
+    shuffle_buffer: int = 256  # samples; <= 1 disables
+    val_samples: int = 16  # fixed validation list (first N good samples, 0 = all), equal on every rank
+    test_samples: int = 0  # fixed test list, as val_samples (0 = all)
+    min_side: int = 8  # an image with a shorter side is a bad sample
     strict: bool = False  # raise on a bad sample instead of counting and skipping it
 
 

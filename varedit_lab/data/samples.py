@@ -1,0 +1,251 @@
+"""Decoding one shard sample into tensors, collating batches, and counting bad samples.
+
+Shard keys follow upstream VAREdit: ``src.{jpg,jpeg,png,webp}``, ``tgt.{...}``, ``txt``; plus the
+optional ``mask.{png,...}`` (255 = edited region) and ``json`` (metadata; ``kind`` is read).
+
+Preprocessing follows the reference training loader: the target is resized to the source size,
+then both are resized to cover ``image_size`` and centre-cropped to a square. A sample that is
+already ``image_size`` square is left untouched, so synthetic masks stay pixel exact.
+
+Batches (see :func:`collate_edits`) are dicts:
+
+==============  ======================  ==============================================
+key             type                    meaning
+==============  ======================  ==============================================
+source, target  float32 (B, 3, H, W)    in [-1, 1]
+mask            float32 (B, 1, H, W)    {0, 1}; zeros where the sample has no mask
+has_mask        bool (B,)               the sample came with a mask
+valid           bool (B,)               False for padding duplicates (validation/test)
+instruction     list[str]
+kind            list[str]               edit kind from the json metadata ('' if unknown)
+key             list[str]               the sample's ``__key__``
+==============  ======================  ==============================================
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from io import BytesIO
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
+REASONS: tuple[str, ...] = ("missing_key", "unreadable_image", "wrong_size", "bad_metadata", "unreadable_shard")
+# Bad samples in a row before giving up: a resampled stream of only-bad data never ends otherwise.
+MAX_CONSECUTIVE_BAD = 1000
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be used. ``reason`` is one of :data:`REASONS`; the message names the key."""
+
+    def __init__(self, reason: str, key: Optional[str] = None, detail: str = "", url: str = "") -> None:
+        if key is None:  # rebuilt from its message (DataLoader workers re-raise as exc_type(msg))
+            super().__init__(reason)
+            self.reason, self.key = "unknown", ""
+            return
+        where = f" in {url}" if url else ""
+        super().__init__(f"bad sample '{key}'{where}: {reason}: {detail}")
+        self.reason = reason
+        self.key = key
+
+
+class BadSampleWarning(UserWarning):
+    """Summary of skipped samples (one per epoch, or per loaded list)."""
+
+
+class BadSampleTracker:
+    """A webdataset exception handler that counts and skips, or re-raises when ``strict``.
+
+    Pass ``tracker.handle`` as ``handler=`` to webdataset stages. ``ok()`` is called on every good
+    sample: after ``max_consecutive`` bad samples in a row the tracker raises, because a resampled
+    stream of nothing but bad shards would otherwise spin forever (a hang, from outside).
+    """
+
+    def __init__(self, strict: bool = False, max_consecutive: Optional[int] = None) -> None:
+        self.strict = strict
+        self.max_consecutive = MAX_CONSECUTIVE_BAD if max_consecutive is None else max_consecutive
+        self.counts: Counter[str] = Counter()
+        self.first: dict[str, str] = {}
+        self.consecutive = 0
+
+    def handle(self, exn: Exception) -> bool:
+        if self.strict:
+            raise exn
+        reason = getattr(exn, "reason", None) or "unreadable_shard"
+        self.counts[reason] += 1
+        self.first.setdefault(reason, str(exn)[:300])
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise RuntimeError(f"{self.consecutive} bad samples in a row; the data looks unreadable. Last: {exn}") from exn
+        return True
+
+    def ok(self) -> None:
+        self.consecutive = 0
+
+    def drain(self) -> dict[str, Any]:
+        """Counts and first messages since the last drain (travels inside a batch to the main process)."""
+        out = {"counts": dict(self.counts), "first": dict(self.first)}
+        self.counts.clear()
+        self.first.clear()
+        return out
+
+
+def summarise(counts: Counter[str] | dict[str, int], first: dict[str, str], where: str) -> Optional[str]:
+    total = sum(counts.values())
+    if not total:
+        return None
+    parts = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    example = next(iter(first.values()), "")
+    return f"{where}: skipped {total} bad sample(s) ({parts}). First: {example}. Set data.strict=true to raise instead."
+
+
+def warn_summary(counts: Counter[str] | dict[str, int], first: dict[str, str], where: str) -> None:
+    message = summarise(counts, first, where)
+    if message:
+        warnings.warn(message, BadSampleWarning, stacklevel=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _find(sample: dict[str, Any], stem: str) -> Optional[str]:
+    for ext in IMAGE_EXTS:
+        if f"{stem}.{ext}" in sample:
+            return f"{stem}.{ext}"
+    return None
+
+
+def _open_image(data: bytes, mode: str, key: str, field: str, url: str) -> Image.Image:
+    try:
+        image = Image.open(BytesIO(data))
+        image.load()
+        return image.convert(mode)
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise BadSampleError("unreadable_image", key, f"{field}: {type(err).__name__}: {err}", url) from err
+
+
+def resize_cover_crop(image: Image.Image, size: int, resample: int) -> Image.Image:
+    """Resize so the shorter side is ``size``, then centre-crop to ``size`` x ``size``."""
+    w, h = image.size
+    if (w, h) == (size, size):
+        return image
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), resample)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _to_uint8(image: Image.Image) -> torch.Tensor:
+    """(C, H, W) uint8; numpy does the layout change (see :func:`_to_unit_range` for why)."""
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+class DecodeEditSample:
+    """Raw webdataset sample -> example dict of uint8 tensors (picklable, for DataLoader workers).
+
+    Raises :class:`BadSampleError` for a missing key, an unreadable image or JSON, an image with a
+    side under ``min_side`` or a mask whose size differs from the source's.
+    """
+
+    def __init__(self, image_size: int, min_side: int = 8, tracker: Optional[BadSampleTracker] = None) -> None:
+        self.image_size = image_size
+        self.min_side = min_side
+        self.tracker = tracker
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        key = str(sample.get("__key__", "?"))
+        url = str(sample.get("__url__", ""))
+        src_field, tgt_field = _find(sample, "src"), _find(sample, "tgt")
+        for stem, found in (("src", src_field), ("tgt", tgt_field)):
+            if found is None:
+                raise BadSampleError("missing_key", key, f"no {stem}.{{{','.join(IMAGE_EXTS)}}}; has {sorted(k for k in sample if not k.startswith('__'))}", url)
+        text = sample.get("txt")
+        if text is None:
+            raise BadSampleError("missing_key", key, "no 'txt' (instruction)", url)
+        instruction = (text.decode("utf-8") if isinstance(text, bytes) else str(text)).strip()
+        kind = ""
+        if sample.get("json") is not None:
+            try:
+                meta = json.loads(sample["json"])
+                kind = str(meta.get("kind", "")) if isinstance(meta, dict) else ""
+            except (ValueError, UnicodeDecodeError) as err:
+                raise BadSampleError("bad_metadata", key, f"json: {err}", url) from err
+        source = _open_image(sample[src_field], "RGB", key, src_field, url)
+        target = _open_image(sample[tgt_field], "RGB", key, tgt_field, url)
+        mask_field = _find(sample, "mask")
+        mask = _open_image(sample[mask_field], "L", key, mask_field, url) if mask_field else None
+        for name, image in (("source", source), ("target", target), ("mask", mask)):
+            if image is not None and min(image.size) < self.min_side:
+                raise BadSampleError("wrong_size", key, f"{name} is {image.size[0]}x{image.size[1]} (< data.min_side={self.min_side})", url)
+        if mask is not None and mask.size != source.size:
+            raise BadSampleError("wrong_size", key, f"mask {mask.size} does not match source {source.size}", url)
+        if target.size != source.size:  # the reference loader resizes the target to the source first
+            target = target.resize(source.size, Image.LANCZOS)
+        size = self.image_size
+        source = resize_cover_crop(source, size, Image.LANCZOS)
+        target = resize_cover_crop(target, size, Image.LANCZOS)
+        example = {"source": _to_uint8(source), "target": _to_uint8(target), "instruction": instruction, "kind": kind, "key": key, "valid": True}
+        if mask is not None:
+            binary = np.asarray(resize_cover_crop(mask, size, Image.NEAREST)) >= 128
+            example["mask"] = torch.from_numpy(binary[None].astype(np.uint8))
+        if self.tracker is not None:
+            self.tracker.ok()
+        return example
+
+
+def _to_unit_range(images: list[torch.Tensor]) -> torch.Tensor:
+    # numpy, not torch: this runs in the main process when num_workers=0, where torch's intra-op
+    # threads compete with the training step (measured: 40 ms vs 0.04 ms per 16x3x64x64 batch
+    # on a busy 2-core machine).
+    array = np.stack([x.numpy() for x in images]).astype(np.float32)
+    array /= 127.5
+    array -= 1.0
+    return torch.from_numpy(array)
+
+
+def collate_edits(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack examples into the batch contract described in the module docstring."""
+    source = _to_unit_range([e["source"] for e in examples])
+    target = _to_unit_range([e["target"] for e in examples])
+    b, _, h, w = source.shape
+    mask = np.zeros((b, 1, h, w), np.float32)
+    has_mask = np.zeros(b, bool)
+    for i, e in enumerate(examples):
+        if e.get("mask") is not None:
+            mask[i] = e["mask"].numpy()
+            has_mask[i] = True
+    return {
+        "source": source,
+        "target": target,
+        "mask": torch.from_numpy(mask),
+        "has_mask": torch.from_numpy(has_mask),
+        "valid": torch.tensor([bool(e.get("valid", True)) for e in examples]),
+        "instruction": [e["instruction"] for e in examples],
+        "kind": [e["kind"] for e in examples],
+        "key": [e["key"] for e in examples],
+    }
+
+
+__all__ = [
+    "BadSampleError",
+    "BadSampleTracker",
+    "BadSampleWarning",
+    "DecodeEditSample",
+    "IMAGE_EXTS",
+    "REASONS",
+    "collate_edits",
+    "resize_cover_crop",
+    "summarise",
+    "warn_summary",
+]
