@@ -17,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torchmetrics import MeanMetric
 
 from conditioning import build as build_strategy
 from conditioning.base import ConditioningPlan
@@ -44,6 +45,16 @@ class EditInputs:
 
 def select_text(text: TextFeatures, n: int) -> TextFeatures:
     return TextFeatures(text.features[:n], text.lengths[:n])
+
+
+def valid_rows(batch: dict[str, Any]) -> dict[str, Any]:
+    """Drop the padding copies (``valid=False``) that equalise validation batches across ranks."""
+    valid = batch.get("valid")
+    if valid is None or bool(valid.all()):
+        return batch
+    idx = torch.nonzero(valid).flatten().tolist()
+    return {k: (v[valid] if isinstance(v, torch.Tensor) and v.shape[:1] == valid.shape else [v[i] for i in idx] if isinstance(v, list) else v)
+            for k, v in batch.items()}
 
 
 def build_tokenizer(cfg: DictConfig):
@@ -81,6 +92,7 @@ class EditorModule(pl.LightningModule):
         if cfg.model.init_from:
             load_released(self.model, cfg.model.init_from)
         k = self.schedule.num_scales
+        self.val_loss = MeanMetric()
         self.val_bits = ScaleBitAccuracy(self.schedule.sizes)
         self.copy_bits = ScaleBitAccuracy(self.schedule.sizes)
         self.val_quality = EditQuality()
@@ -172,20 +184,27 @@ class EditorModule(pl.LightningModule):
         self._grid = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        batch = valid_rows(batch)
+        if batch["source"].shape[0] == 0:  # only padding on this rank; metrics sync at epoch end
+            return
         inputs = self.encode_batch(batch)
         plan = self.plan(inputs.source_latent)
         target_bits = torch.cat(inputs.target_bits, 1)
         logits = self.model(plan, inputs.teacher_inputs, inputs.text)
         out = bitwise_loss(logits, target_bits, self.schedule, self.cfg.loss.reweight_by_scale)
-        batch_size = target_bits.shape[0]
-        self.log("val/loss", out.loss, batch_size=batch_size, sync_dist=True)
+        self.val_loss.update(out.loss, weight=target_bits.shape[0])
         predicted = (logits.unflatten(-1, (-1, 2)).argmax(-1)).to(torch.uint8)
         self.val_bits.update(predicted, target_bits)
-        source_bits = torch.cat(self.tokenizer.encode_target(batch["source"], self.schedule).bits, 1)
-        self.copy_bits.update(source_bits, target_bits)
-        self._validation_edits(batch, plan, inputs.text)
+        source_bits = self.tokenizer.encode_target(batch["source"], self.schedule).bits
+        self.copy_bits.update(torch.cat(source_bits, 1), target_bits)
+        self._validation_edits(batch, plan, inputs.text, source_bits)
 
-    def _validation_edits(self, batch: dict[str, Any], plan: ConditioningPlan, text: TextFeatures) -> None:
+    def _validation_edits(self, batch: dict[str, Any], plan: ConditioningPlan, text: TextFeatures, source_bits: list[torch.Tensor]) -> None:
+        """Generate edits for the first ``sampling.num_val_edits`` samples and score them on pixels.
+
+        The baseline copies the source *through the tokenizer* (decode of the source's own bits):
+        the best a model can do by copying, at the same reconstruction quality as its edits.
+        """
         n = min(self.cfg.sampling.num_val_edits - self._edits_done, plan.source_tokens.shape[0])
         if n <= 0:
             return
@@ -194,8 +213,9 @@ class EditorModule(pl.LightningModule):
         has_mask = batch["has_mask"][:n].bool() if "has_mask" in batch else torch.zeros(n, dtype=torch.bool)
         if has_mask.any():
             mask = batch["mask"][:n][has_mask]
+            copied = self.tokenizer.decode([b[:n] for b in source_bits], self.schedule)
             self.val_quality.update(images[has_mask], source[has_mask], target[has_mask], mask)
-            self.copy_quality.update(source[has_mask], source[has_mask], target[has_mask], mask)
+            self.copy_quality.update(copied[has_mask], source[has_mask], target[has_mask], mask)
         if not self._grid:
             self._grid = [source.cpu(), target.cpu(), images.cpu()]
         self._edits_done += n
@@ -209,13 +229,15 @@ class EditorModule(pl.LightningModule):
         return self.tokenizer.decode(gen.bits, self.schedule)
 
     def on_validation_epoch_end(self) -> None:
-        for prefix, bits, quality in (("val", self.val_bits, self.val_quality), ("val/copy", self.copy_bits, self.copy_quality)):
-            for name, value in bits.compute().items():
-                self.log(f"{prefix}/{name}" if prefix == "val" else f"{prefix}_{name}", value)
-            if quality.n_success + quality.n_preservation > 0:
-                for name, value in quality.compute().items():
-                    if not torch.isnan(value):
-                        self.log(f"{prefix}/{name}" if prefix == "val" else f"{prefix}_{name}", value)
+        # Every rank calls compute(): torchmetrics syncs the states (no per-step sync_dist logging,
+        # which hangs when ranks log different keys).
+        self.log("val/loss", self.val_loss.compute())
+        self.val_loss.reset()
+        for prefix, bits, quality in (("val/", self.val_bits, self.val_quality), ("val/copy_", self.copy_bits, self.copy_quality)):
+            values = {**bits.compute(), **quality.compute()}  # NaN where nothing was measured
+            for name, value in values.items():
+                if not torch.isnan(value):
+                    self.log(prefix + name, value)
             bits.reset()
             quality.reset()
         if self._grid and self.trainer.is_global_zero and not self.trainer.sanity_checking:

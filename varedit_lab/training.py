@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from varedit_lab.callbacks import RunSummary, StepTimer, write_summary
+
+# Expected in every run: the frozen tokenizer/text encoder are in eval mode on purpose, and resumed
+# runs write into their existing directory.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty.*")
 from varedit_lab.config import config_hash, save_config, to_dict
 
 
@@ -48,9 +54,15 @@ def build_task(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataMod
     return EditorModule(cfg), EditDataModule(cfg.data, seed=cfg.seed)
 
 
+_RESTRICTION = {"online": 0, "offline": 1, "dryrun": 1, "disabled": 2}
+
+
 def wandb_mode(cfg: DictConfig) -> str:
-    """The environment (``WANDB_MODE``) wins over the config, as W&B users expect."""
-    return os.environ.get("WANDB_MODE") or cfg.logger.mode
+    """The more restrictive of ``logger.mode`` and ``WANDB_MODE`` (CI forces offline; a user can
+    silence W&B with ``WANDB_MODE=disabled``; a config that disables W&B stays disabled)."""
+    env = os.environ.get("WANDB_MODE", "online").lower()
+    mode = max((cfg.logger.mode, env), key=lambda m: _RESTRICTION.get(m, 0))
+    return "offline" if mode == "dryrun" else mode
 
 
 def build_loggers(cfg: DictConfig, directory: Path, name: str) -> list[Logger]:
@@ -158,4 +170,14 @@ def train(cfg: DictConfig, config_path: str | Path | None = None) -> Path:
         if trainer.is_global_zero:
             write_summary(directory / "summary.json", "failed", trainer, timer, extra, error=f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
         raise
+    finally:
+        finish_wandb(trainer)
     return directory
+
+
+def finish_wandb(trainer: pl.Trainer) -> None:
+    """Close this run's W&B run so that the next ``train`` in the process starts a new one."""
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers) and trainer.is_global_zero:
+        import wandb
+
+        wandb.finish()

@@ -30,13 +30,13 @@ Bad samples
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import lightning as L
 import torch
 import webdataset as wds
 
-from varedit_lab.data.shards import FixedBatches, ReportBadSamples, expand_shards, rank_slice, read_fixed_list, train_pipeline
+from varedit_lab.data.shards import EpochSeed, FixedBatches, ReportBadSamples, expand_shards, rank_slice, read_fixed_list, train_pipeline
 
 
 def _get(cfg: Any, name: str, default: Any) -> Any:
@@ -123,9 +123,10 @@ class EditDataModule(L.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------------
 
-    def train_dataloader(self) -> wds.WebLoader:
+    def train_dataloader(self) -> "ResumableEpochs":
         if not self.train_urls:
             self.setup("fit")
+        epoch_seed = EpochSeed()
         pipeline = train_pipeline(
             self.train_urls,
             image_size=self.image_size,
@@ -137,12 +138,20 @@ class EditDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             min_side=self.min_side,
             strict=self.strict,
+            epoch=epoch_seed,
         )
         self._train_loaders += 1
-        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        # Workers are re-created every epoch so that they receive that epoch's seed.
+        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
         report = ReportBadSamples(self.bad_samples, self.batches_per_epoch, f"train rank {self.rank}")
-        # with_epoch on the loader counts batches per rank; with_length lets Lightning show progress.
-        return loader.compose(report).with_epoch(self.batches_per_epoch).with_length(self.batches_per_epoch, silent=True)
+        return ResumableEpochs(loader.compose(report), epoch_seed, self.batches_per_epoch, self._train_position)
+
+    def _train_position(self) -> tuple[int, int] | None:
+        """(epoch, batches of it already trained) from the trainer; restored when a run resumes."""
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        return int(trainer.current_epoch), int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def val_dataloader(self) -> Any:
         return FixedBatches(self.val_items, self.batch_size) if self.val_items else []
@@ -158,4 +167,31 @@ class EditDataModule(L.LightningDataModule):
         )
 
 
-__all__ = ["EditDataModule"]
+class ResumableEpochs:
+    """The training loader seen by Lightning: ``length`` batches per epoch (per rank).
+
+    Epoch e's stream is seeded by e (:class:`~varedit_lab.data.shards.EpochSeed`); when a run resumes
+    mid-epoch, the batches the interrupted run already trained on are drawn and skipped, so the
+    resumed run sees exactly the data of the uninterrupted one.
+    """
+
+    def __init__(self, loader: Any, epoch_seed: EpochSeed, length: int, position: Any) -> None:
+        self.loader, self.epoch_seed, self.length, self.position = loader, epoch_seed, length, position
+        self._epochs = 0  # used without a trainer (plain iteration)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        position = self.position()
+        epoch, done = position if position is not None else (self._epochs, 0)
+        self._epochs = epoch + 1
+        self.epoch_seed.epoch = epoch
+        for index, batch in enumerate(self.loader):
+            if index >= self.length:
+                break
+            if index >= done:
+                yield batch
+
+
+__all__ = ["EditDataModule", "ResumableEpochs"]

@@ -90,25 +90,36 @@ def _worker() -> tuple[int, int, Optional[int]]:
     return (0, 1, None) if info is None else (info.id, info.num_workers, info.seed)
 
 
+class EpochSeed:
+    """The epoch the training stream is drawing, shared by its seeded stages.
+
+    Set in the main process before each epoch's iterator is created (workers are not persistent, so
+    each epoch pickles the current value into them). Seeding by epoch rather than by iterator
+    count or torch's global RNG makes the stream a function of (seed, rank, worker, epoch): a run
+    resumed from a checkpoint draws exactly the data of the uninterrupted run.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+
 class ResampleShards:
     """Draw shards with replacement, forever, from the shards that reach this worker.
 
-    The RNG is seeded from (seed, stream, rank, worker, DataLoader seed, iteration): reproducible under
-    ``seed_everything`` (the DataLoader seed comes from torch's global RNG) and different on every
-    rank, worker and epoch (the counter covers persistent workers and ``num_workers=0``).
+    The RNG is seeded from (seed, stream, rank, worker, epoch): reproducible, resumable, and
+    different on every rank, worker and epoch.
     """
 
-    def __init__(self, seed: int, rank: int, stream: int = 0) -> None:
+    def __init__(self, seed: int, rank: int, stream: int = 0, epoch: EpochSeed | None = None) -> None:
         self.seed, self.rank, self.stream = seed, rank, stream
-        self.iteration = 0
+        self.epoch = epoch or EpochSeed()
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         shards = list(src)
-        worker, num_workers, loader_seed = _worker()
+        worker, num_workers, _ = _worker()
         if not shards:
             raise ValueError(f"rank {self.rank} worker {worker}/{num_workers} received no shards; need at least one shard per rank x worker")
-        rng = random.Random(f"{self.seed}/{self.stream}/{self.rank}/{worker}/{loader_seed}/{self.iteration}")
-        self.iteration += 1
+        rng = random.Random(f"{self.seed}/{self.stream}/{self.rank}/{worker}/{self.epoch.epoch}")
         while True:
             yield dict(shards[rng.randrange(len(shards))])
 
@@ -116,14 +127,13 @@ class ResampleShards:
 class SeededShuffle:
     """``wds.shuffle`` with a buffer RNG derived like :class:`ResampleShards` (reproducible)."""
 
-    def __init__(self, bufsize: int, seed: int, rank: int, stream: int = 0) -> None:
+    def __init__(self, bufsize: int, seed: int, rank: int, stream: int = 0, epoch: EpochSeed | None = None) -> None:
         self.bufsize, self.seed, self.rank, self.stream = bufsize, seed, rank, stream
-        self.iteration = 0
+        self.epoch = epoch or EpochSeed()
 
     def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
-        worker, _, loader_seed = _worker()
-        seed = f"shuffle/{self.seed}/{self.stream}/{self.rank}/{worker}/{loader_seed}/{self.iteration}"
-        self.iteration += 1
+        worker, _, _ = _worker()
+        seed = f"shuffle/{self.seed}/{self.stream}/{self.rank}/{worker}/{self.epoch.epoch}"
         return wds.shuffle(self.bufsize, initial=self.bufsize, rng=random.Random(seed))(src)
 
 
@@ -188,6 +198,7 @@ def train_pipeline(
     shuffle_buffer: int = 256,
     min_side: int = 8,
     strict: bool = False,
+    epoch: EpochSeed | None = None,
 ) -> wds.DataPipeline:
     """The per-worker training stream: split -> resample -> read -> shuffle -> decode -> batch.
 
@@ -202,11 +213,11 @@ def train_pipeline(
         wds.SimpleShardList(list(urls)),
         RankSplitter(rank, world_size),
         wds.split_by_worker,
-        ResampleShards(seed, rank, stream),
+        ResampleShards(seed, rank, stream, epoch),
         wds.tarfile_to_samples(handler=tracker.handle),
     ]
     if shuffle_buffer > 1:
-        stages.append(SeededShuffle(shuffle_buffer, seed, rank, stream))
+        stages.append(SeededShuffle(shuffle_buffer, seed, rank, stream, epoch))
     stages += [
         wds.map(decode, handler=tracker.handle),
         wds.batched(batch_size, collation_fn=collate_edits, partial=False),
@@ -263,6 +274,7 @@ __all__ = [
     "FixedBatches",
     "RankSplitter",
     "ReportBadSamples",
+    "EpochSeed",
     "ResampleShards",
     "SeededShuffle",
     "expand_shards",

@@ -20,8 +20,10 @@ RELEASED_TOKENIZERS: dict[str, dict[str, Any]] = {
 
 
 def mlp_hidden(width: int, mlp_ratio: float) -> int:
-    """The release's FFN width: ``round(width * ratio / 256) * 256`` (Python rounding)."""
-    return round(width * mlp_ratio / 256) * 256
+    """The release's FFN width: ``round(width * ratio / 256) * 256`` (Python rounding); below
+    that granularity (tiny debug widths, where it would round to 0) ``width * ratio``."""
+    hidden = round(width * mlp_ratio / 256) * 256
+    return hidden if hidden > 0 else int(width * mlp_ratio)
 
 
 def preset(name: str) -> dict[str, Any]:
