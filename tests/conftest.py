@@ -77,3 +77,52 @@ def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> dict:
         info[split] = shard_pattern(out, split, len(files))
         info[f"{split}_files"] = files
     return info
+
+
+@pytest.fixture(scope="session")
+def tiny_editor_checkpoint(tmp_path_factory: pytest.TempPathFactory, synthetic_shards: dict) -> Path:
+    """A tiny editor (2 blocks, width 32, random 32 px tokenizer, 1-layer T5) trained for 3 steps on
+    the synthetic shards; its ``last.ckpt``. Shared by the edit and eval tests (a few seconds)."""
+    import warnings
+
+    from varedit_lab.config import experiments_dir, load_config
+    from varedit_lab.training import train
+
+    out = tmp_path_factory.mktemp("tiny_editor")
+    cfg = load_config(
+        experiments_dir() / "synthetic" / "base.yaml",
+        [
+            "tokenizer.checkpoint=null",
+            "tokenizer.codebook_dim=8",
+            "tokenizer.base_ch=8",
+            "tokenizer.encoder_ch_mult=[1,1,1,1]",
+            "tokenizer.decoder_ch_mult=[1,1,1,1]",
+            "tokenizer.norm_num_groups=4",
+            "text.tiny_d_model=32",
+            "text.tiny_d_ff=64",
+            "text.tiny_num_heads=2",
+            "text.tiny_num_layers=1",
+            "model.depth=2",
+            "model.width=32",
+            "model.num_heads=2",
+            "model.scales=[1,2,4]",
+            f"data.train_shards={synthetic_shards['train']}",
+            "data.val_shards=null",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "trainer.max_steps=3",
+            "trainer.checkpoint_every_n_steps=3",
+            "trainer.num_threads=1",
+            "trainer.checkpoint_monitor=null",
+            "trainer.progress_bar=false",
+            "logger.mode=disabled",
+            "name=tiny",
+            f"output_dir={out}",
+        ],
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")  # no val shards, on purpose
+        directory = train(cfg)
+    checkpoint = directory / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file(), sorted(p.name for p in (directory / "checkpoints").iterdir())
+    return checkpoint

@@ -129,7 +129,14 @@ def check_quantizer(fixture: dict[str, Any]) -> list[FieldResult]:
 
 
 # Each check takes the loaded fixture and returns rows; other packages append theirs.
-CHECKS: list[Callable[[dict[str, Any]], list[FieldResult]]] = [check_quantizer, check_transformer]
+def check_tokenizer(fixture: dict[str, Any]) -> list[FieldResult]:
+    """The VAE fields (varedit_lab.tokenizer.parity; imported here lazily, it imports this module)."""
+    from varedit_lab.tokenizer.parity import check_tokenizer as check
+
+    return check(fixture)
+
+
+CHECKS: list[Callable[[dict[str, Any]], list[FieldResult]]] = [check_quantizer, check_tokenizer, check_transformer]
 
 
 def check_reference(path: str | Path) -> list[FieldResult]:
