@@ -47,16 +47,6 @@ def select_text(text: TextFeatures, n: int) -> TextFeatures:
     return TextFeatures(text.features[:n], text.lengths[:n])
 
 
-def valid_rows(batch: dict[str, Any]) -> dict[str, Any]:
-    """Drop the padding copies (``valid=False``) that equalise validation batches across ranks."""
-    valid = batch.get("valid")
-    if valid is None or bool(valid.all()):
-        return batch
-    idx = torch.nonzero(valid).flatten().tolist()
-    return {k: (v[valid] if isinstance(v, torch.Tensor) and v.shape[:1] == valid.shape else [v[i] for i in idx] if isinstance(v, list) else v)
-            for k, v in batch.items()}
-
-
 def build_tokenizer(cfg: DictConfig):
     from varedit_lab.tokenizer import BSQTokenizer, load_tokenizer
 
@@ -91,6 +81,11 @@ class EditorModule(pl.LightningModule):
         self.model = build_transformer(model_cfg, self.tokenizer.codebook_dim, self.tokenizer.apply_spatial_patchify)
         if cfg.model.init_from:
             load_released(self.model, cfg.model.init_from)
+        if not cfg.model.cond_drop_rate:
+            # Without text dropout the learned null text is never used in training: freeze it, so
+            # that no trainable parameter goes without a gradient (DDP raises on those; sharded
+            # optimizer state would miss it and a resume would fail).
+            self.model.cfg_uncond.requires_grad_(False)
         k = self.schedule.num_scales
         self.val_loss = MeanMetric()
         self.val_bits = ScaleBitAccuracy(self.schedule.sizes)
@@ -159,6 +154,22 @@ class EditorModule(pl.LightningModule):
             self.log(f"train/scale{k}_bit_acc", out.scale_bit_acc[k], batch_size=batch_size)
         return out.loss
 
+    def configure_model(self) -> None:
+        """Lightning calls this before wrapping and before ``configure_optimizers`` (so the optimizer
+        sees sharded parameters): FSDP2 sharding per block, FSDP1 frozen-part handling, compiled
+        blocks. A no-op under DDP/single device unless ``model.compile_blocks``."""
+        from varedit_lab.distributed import configure_editor_model
+
+        configure_editor_model(self)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's norm clipping refuses FSDP1 (each rank sees only its shard's norm); the FSDP
+        root computes the global norm instead (see varedit_lab.distributed.clip_fsdp1_gradients)."""
+        from varedit_lab.distributed import clip_fsdp1_gradients
+
+        if not clip_fsdp1_gradients(self, gradient_clip_val, gradient_clip_algorithm):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
@@ -184,23 +195,28 @@ class EditorModule(pl.LightningModule):
         self._grid = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        batch = valid_rows(batch)
-        if batch["source"].shape[0] == 0:  # only padding on this rank; metrics sync at epoch end
-            return
+        # Every rank runs the same forwards and generations on its whole batch, padding rows
+        # (valid=False) included, and masks those out of the metrics: under fsdp/fsdp2 every forward
+        # is a collective, so a rank that skipped one (an all-padding batch) would hang the others.
         inputs = self.encode_batch(batch)
         plan = self.plan(inputs.source_latent)
         target_bits = torch.cat(inputs.target_bits, 1)
         logits = self.model(plan, inputs.teacher_inputs, inputs.text)
-        out = bitwise_loss(logits, target_bits, self.schedule, self.cfg.loss.reweight_by_scale)
-        self.val_loss.update(out.loss, weight=target_bits.shape[0])
-        predicted = (logits.unflatten(-1, (-1, 2)).argmax(-1)).to(torch.uint8)
-        self.val_bits.update(predicted, target_bits)
         source_bits = self.tokenizer.encode_target(batch["source"], self.schedule).bits
-        self.copy_bits.update(torch.cat(source_bits, 1), target_bits)
-        self._validation_edits(batch, plan, inputs.text, source_bits)
+        keep = batch["valid"].bool().to(logits.device) if "valid" in batch else torch.ones(len(target_bits), dtype=torch.bool, device=logits.device)
+        if keep.any():  # metrics sync at epoch end
+            out = bitwise_loss(logits[keep], target_bits[keep], self.schedule, self.cfg.loss.reweight_by_scale)
+            self.val_loss.update(out.loss, weight=int(keep.sum()))
+            predicted = (logits[keep].unflatten(-1, (-1, 2)).argmax(-1)).to(torch.uint8)
+            self.val_bits.update(predicted, target_bits[keep])
+            self.copy_bits.update(torch.cat(source_bits, 1)[keep], target_bits[keep])
+        self._validation_edits(batch, plan, inputs.text, source_bits, keep)
 
-    def _validation_edits(self, batch: dict[str, Any], plan: ConditioningPlan, text: TextFeatures, source_bits: list[torch.Tensor]) -> None:
-        """Generate edits for the first ``sampling.num_val_edits`` samples and score them on pixels.
+    def _validation_edits(
+        self, batch: dict[str, Any], plan: ConditioningPlan, text: TextFeatures, source_bits: list[torch.Tensor], keep: torch.Tensor
+    ) -> None:
+        """Generate edits for the first ``sampling.num_val_edits`` rows (the same count on every
+        rank, see validation_step) and score the valid ones on pixels.
 
         The baseline copies the source *through the tokenizer* (decode of the source's own bits):
         the best a model can do by copying, at the same reconstruction quality as its edits.
@@ -211,6 +227,7 @@ class EditorModule(pl.LightningModule):
         images = self.edit(ConditioningPlan(plan.layout, plan.source_tokens[:n]), select_text(text, n), seed=self._edits_done)
         source, target = batch["source"][:n], batch["target"][:n]
         has_mask = batch["has_mask"][:n].bool() if "has_mask" in batch else torch.zeros(n, dtype=torch.bool)
+        has_mask = has_mask & keep[:n].to(has_mask.device)
         if has_mask.any():
             mask = batch["mask"][:n][has_mask]
             copied = self.tokenizer.decode([b[:n] for b in source_bits], self.schedule)
@@ -256,11 +273,18 @@ class EditorModule(pl.LightningModule):
     # ---------------------------------------------------------------------------------------------
     # checkpoints: the frozen tokenizer / text encoder are rebuilt from config, not saved
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)}
+        from varedit_lab.distributed import saves_sharded_checkpoints
+
+        # Sharded (fsdp/fsdp2 DCP) checkpoints keep the frozen parts: on resume the strategy loads the
+        # module's whole state dict from the shards itself, and DCP rejects missing keys.
+        if not (self._trainer is not None and saves_sharded_checkpoints(self._trainer.strategy)):
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)}
         checkpoint["varedit_config"] = to_dict(self.cfg)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict")
+        if state is None:  # sharded checkpoint: the strategy has already loaded the weights
+            return
         for key, value in self.state_dict().items():
             if key.startswith(FROZEN_PREFIXES):
                 state.setdefault(key, value)

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
@@ -28,6 +29,7 @@ from varedit_lab.callbacks import RunSummary, StepTimer, write_summary
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty.*")
 from varedit_lab.config import config_hash, save_config, to_dict
+from varedit_lab.distributed import TopologyCheck, fsdp2_strategy, fsdp_strategy, is_checkpoint
 
 
 def run_name(cfg: DictConfig, config_path: str | Path | None = None) -> str:
@@ -87,6 +89,7 @@ def build_callbacks(cfg: DictConfig, directory: Path, extra_summary: dict[str, A
     timer = StepTimer()
     ckpt_dir = directory / "checkpoints"
     callbacks: list[pl.Callback] = [
+        TopologyCheck(cfg.trainer.devices),
         timer,
         RunSummary(directory, timer, extra_summary),
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False, save_last=True,
@@ -102,9 +105,24 @@ def build_callbacks(cfg: DictConfig, directory: Path, extra_summary: dict[str, A
         from lightning.pytorch.callbacks import EMAWeightAveraging
 
         callbacks.append(EMAWeightAveraging(decay=cfg.optim.ema_decay))
+    if cfg.task == "editor" and cfg.probes.every_n_val > 0:
+        from varedit_lab.probes.callback import ProbeCallback  # writes {run}/probes/stepNNNNNN, logs to W&B
+
+        callbacks.append(ProbeCallback.from_config(cfg.probes))
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
     return callbacks, timer
+
+
+def build_strategy(cfg: DictConfig) -> str | Strategy:
+    """``trainer.strategy`` as Lightning takes it: its own names, or a configured strategy object
+    for the sharded ones (see :mod:`varedit_lab.distributed`)."""
+    name = cfg.trainer.strategy
+    if name == "fsdp":
+        return fsdp_strategy(cfg)
+    if name == "fsdp2":
+        return fsdp2_strategy(cfg)
+    return name
 
 
 def build_trainer(cfg: DictConfig, directory: Path, callbacks: list[pl.Callback], loggers: list[Logger]) -> pl.Trainer:
@@ -113,7 +131,7 @@ def build_trainer(cfg: DictConfig, directory: Path, callbacks: list[pl.Callback]
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(cfg),
         precision=t.precision,
         max_steps=t.max_steps,
         max_epochs=-1,
@@ -136,10 +154,10 @@ def resume_path(cfg: DictConfig, directory: Path) -> str | None:
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
-        last = directory / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(cfg.resume).is_file():
-        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
+        last = directory / "checkpoints" / "last.ckpt"  # a directory under fsdp/fsdp2
+        return str(last) if is_checkpoint(last) else None
+    if not is_checkpoint(cfg.resume):
+        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint (file, or complete sharded directory)")
     return str(cfg.resume)
 
 

@@ -27,7 +27,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attention": ("blockwise", "masked"),
     "optim.schedule": ("constant", "cosine"),
     "trainer.checkpoint_mode": ("min", "max"),
-    "trainer.strategy": ("auto", "ddp", "ddp_spawn", "ddp_fork"),
+    "trainer.strategy": ("auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp", "fsdp2"),
     "logger.mode": ("offline", "online", "disabled"),
     "text.dtype": ("float32", "bfloat16", "float16"),
 }

@@ -50,9 +50,16 @@ class TokenizerConfig:
     num_res_blocks: int = 1
     norm_num_groups: int = 8
     apply_spatial_patchify: bool = False  # 2x2 pixel_unshuffle into transformer tokens (8B style)
-    # Tokenizer training only (task=tokenizer).
-    entropy_loss_weight: float = 0.01
-    commitment_loss_weight: float = 0.25
+    # Tokenizer training only (task=tokenizer; see varedit_lab.tokenizer.module).
+    l1_loss_weight: float = 1.0  # pixel reconstruction through all scales
+    l2_loss_weight: float = 1.0
+    entropy_loss_weight: float = 0.01  # BSQ entropy: H_sample - gamma * H_codebook
+    codebook_entropy_gamma: float = 1.0
+    entropy_inv_temperature: float = 100.0
+    commitment_loss_weight: float = 0.25  # BSQ per-scale ||u - sg(q)||^2 on the normalised residual
+    latent_commitment_weight: float = 0.1  # ||z - sg(summed codes)||^2: keeps z in the codes' range
+    zero_init_residual: bool = True  # residual branches start at zero (faster from-scratch training)
+    channels_last: bool = True  # NHWC convolutions (faster on CPU)
     scales: List[int] = field(default_factory=lambda: [1, 2, 4, 6, 8])
 
 
@@ -124,7 +131,7 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: int = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | ddp_spawn | ddp_fork
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ddp_fork | fsdp (FSDP1, GPU) | fsdp2 (see varedit_lab.distributed)
     precision: str = "32-true"
     max_steps: int = 200
     val_every_n_steps: int = 100
@@ -162,11 +169,16 @@ class SamplingConfig:
 
 @dataclass
 class ProbesConfig:
-    every_n_val: int = 0  # 0 disables the live probe callback
+    """Live attention probes (varedit_lab.probes.ProbeCallback): every ``every_n_val``-th validation, on
+    the first ``num_samples`` validation samples; writes {run}/probes/stepNNNNNN/ and logs to W&B."""
+
+    every_n_val: int = 0  # 0 disables the live probe callback (editor runs only)
     layers: List[int] = field(default_factory=list)  # empty = every layer
     heads: List[int] = field(default_factory=list)  # empty = every head
     radius: float = 1.0  # locality radius in finest-source tokens
     num_samples: int = 2
+    map_layers: Optional[List[int]] = None  # full maps for the paper-style image; null = first and last probed, [] = none
+    log_images: bool = True  # PNGs on disk and to the loggers (scalars are always logged)
 
 
 @dataclass

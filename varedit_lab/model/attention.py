@@ -6,8 +6,14 @@ query block sees a set of key blocks (the layout's visibility row) plus, in some
 derived from the sequence keys (SAR's pooled reference).
 
 ``blockwise`` runs one SDPA call per query block over exactly its visible keys: no padding and no
-masked-out work (the release pads 777 tokens to 896 and runs dense masked attention). ``masked`` runs
+masked-out work (the release pads 777 tokens to 896 and runs dense masked attention). Keys that are
+one contiguous range of the store are a view (max-scale: every block sees a prefix); others are
+concatenated. On CPU its backward is hand-written (:class:`_BlockwiseFlashCPU`). ``masked`` runs
 one SDPA call per chunk with a boolean token mask; it is the simple reference path.
+
+Keys, values, queries and outputs are (B, H, N, D) views of (B, N, H, D) memory throughout (the
+layout the projections produce and the CPU flash kernel reads and writes), so no head permutes are
+ever copied.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from conditioning.base import LayerVisibility, SequenceLayout
 
@@ -32,11 +39,11 @@ class KVCache:
 
     @classmethod
     def allocate(cls, depth: int, batch: int, heads: int, length: int, head_dim: int, device, dtype) -> "KVCache":
-        shape = (batch, heads, length, head_dim)
-        return cls(
-            [torch.empty(shape, device=device, dtype=dtype) for _ in range(depth)],
-            [torch.empty(shape, device=device, dtype=dtype) for _ in range(depth)],
-        )
+        # (B, H, L, D) views of (B, L, H, D) memory, the layout the projections produce.
+        def buffer() -> torch.Tensor:
+            return torch.empty(batch, length, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+
+        return cls([buffer() for _ in range(depth)], [buffer() for _ in range(depth)])
 
 
 @dataclass
@@ -52,6 +59,11 @@ class AttentionContext:
     cache: KVCache | None = None
     # Queries before this sequence index only provide keys/values (their outputs are unused).
     query_from: int = 0
+    cis: torch.Tensor | None = None  # (N, D/2) complex cos + i sin; derived from cos/sin if None
+
+    @property
+    def rope_cis(self) -> torch.Tensor:
+        return self.cis if self.cis is not None else torch.complex(self.cos, self.sin)
 
     @property
     def start(self) -> int:
@@ -79,10 +91,6 @@ def _key_pieces(layout: SequenceLayout, vis: LayerVisibility, block: int) -> tup
     return tuple(pieces)
 
 
-def _block_views(store: torch.Tensor, layout: SequenceLayout, offset: int, blocks) -> list[torch.Tensor]:
-    return [store[:, :, layout.block_starts[b] - offset : layout.block_range(b)[1] - offset] for b in blocks]
-
-
 class _ExtraKV:
     """Lazily computed extra key/value blocks of one layer call."""
 
@@ -90,16 +98,177 @@ class _ExtraKV:
         self.vis, self.layout = vis, layout
         self.k_store, self.v_store, self.offset = k_store, v_store, offset
         self.done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _block(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # One view per block and layer call, shared by every extra block computed from it: autograd
+        # then sums their gradients at the block's size and scatters them into the store once
+        # (a fresh slice per extra block would cost a full-size zero tensor each).
+        if block not in self.views:
+            s, e = self.layout.block_range(block)
+            if s < self.offset:
+                raise RuntimeError(f"extra keys read block {block} [{s}, {e}), which is neither cached nor in this chunk")
+            self.views[block] = (self.k_store[:, :, s - self.offset : e - self.offset], self.v_store[:, :, s - self.offset : e - self.offset])
+        return self.views[block]
 
     def get(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         if j not in self.done:
-            ext = self.vis.extension
-            blocks = range(self.layout.num_blocks)
-            needed = set(ext.source_blocks(j))
-            keys = [v if i in needed else None for i, v in zip(blocks, _block_views(self.k_store, self.layout, self.offset, blocks))]
-            values = [v if i in needed else None for i, v in zip(blocks, _block_views(self.v_store, self.layout, self.offset, blocks))]
-            self.done[j] = ext.compute(j, keys, values)
+            keys: list[torch.Tensor | None] = [None] * self.layout.num_blocks
+            values: list[torch.Tensor | None] = [None] * self.layout.num_blocks
+            for block in self.vis.extension.source_blocks(j):
+                keys[block], values[block] = self._block(block)
+            self.done[j] = self.vis.extension.compute(j, keys, values)
         return self.done[j]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One SDPA call of the blockwise executor: query rows [q0, q1) (relative to the first computed
+    query) against the concatenation of ``pieces``: (-1, a, b) = rows [a, b) of the key store,
+    (j, 0, 0) = the j-th extra block passed to the call."""
+
+    q0: int
+    q1: int
+    pieces: tuple[tuple[int, int, int], ...]
+
+
+@lru_cache(maxsize=4096)
+def _block_calls(
+    layout: SequenceLayout, layer: int, first_block: int, last_block: int, first_q: int, offset: int
+) -> tuple[tuple[_Call, ...], tuple[int, ...]]:
+    """The calls of one layer call and the extra blocks they read (in the order passed to them)."""
+    vis = layout.visibility(layer)
+    calls: list[_Call] = []
+    extras: list[int] = []
+    for block in range(first_block, last_block):
+        s, e = layout.block_range(block)
+        if e <= first_q:
+            continue
+        pieces = []
+        for kind, a, b in _key_pieces(layout, vis, block):
+            if kind == "seq":
+                if a < offset:
+                    raise RuntimeError(f"block {block} sees keys [{a}, {b}) that are neither cached nor in this chunk")
+                pieces.append((-1, a - offset, b - offset))
+            else:
+                if a not in extras:
+                    extras.append(a)
+                pieces.append((extras.index(a), 0, 0))
+        calls.append(_Call(max(s, first_q) - first_q, e - first_q, tuple(pieces)))
+    return tuple(calls), tuple(extras)
+
+
+def _rows_of(t: torch.Tensor, store: torch.Tensor) -> tuple[int, int] | None:
+    """The rows [a, b) of ``store`` that ``t`` is a view of (a slice along dim 2), else None."""
+    if t.device != store.device or t.dtype != store.dtype or t.dim() != 4 or t.stride() != store.stride():
+        return None
+    if t.shape[:2] != store.shape[:2] or t.shape[3] != store.shape[3]:
+        return None
+    if t.untyped_storage().data_ptr() != store.untyped_storage().data_ptr():
+        return None
+    delta, step = t.storage_offset() - store.storage_offset(), store.stride(2)
+    if step <= 0 or delta % step:
+        return None
+    a = delta // step
+    return (a, a + t.shape[2]) if 0 <= a and a + t.shape[2] <= store.shape[2] else None
+
+
+def _store_rows(k: torch.Tensor, v: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor) -> tuple[int, int] | None:
+    """Rows [a, b) when extra keys and values are both the same row range of the stores."""
+    rows = _rows_of(k, k_store)
+    return rows if rows is not None and rows == _rows_of(v, v_store) else None
+
+
+@lru_cache(maxsize=4096)
+def _resolve_aliases(calls: tuple[_Call, ...], aliases: tuple[tuple[int, int] | None, ...]) -> tuple[tuple[_Call, ...], tuple[int, ...]]:
+    """Read extra blocks that are plain row ranges of the key store (e.g. SAR's identity pooling at
+    the finest scale) from the store, merging adjacent ranges: one view instead of a ``cat`` copy.
+    Returns the calls and the extra blocks still read (the new extra indices follow this order)."""
+    resolved = []
+    for call in calls:
+        ranges = sorted((aliases[j] if j >= 0 else (a, b)) for j, a, b in call.pieces if j < 0 or aliases[j] is not None)
+        pieces: list[tuple[int, int, int]] = []
+        for a, b in ranges:  # the store's rows in order (key order does not change attention)
+            if pieces and pieces[-1][2] == a:
+                pieces[-1] = (-1, pieces[-1][1], b)
+            else:
+                pieces.append((-1, a, b))
+        pieces += [(j, a, b) for j, a, b in call.pieces if j >= 0 and aliases[j] is None]
+        resolved.append(pieces)
+    used = sorted({j for pieces in resolved for j, _, _ in pieces if j >= 0})
+    index = {j: i for i, j in enumerate(used)}
+    out = tuple(
+        _Call(call.q0, call.q1, tuple((index[j], a, b) if j >= 0 else (j, a, b) for j, a, b in pieces))
+        for call, pieces in zip(calls, resolved)
+    )
+    return out, tuple(used)
+
+
+def _gather(pieces: tuple[tuple[int, int, int], ...], store: torch.Tensor, extras: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Keys (or values) of one call: a view when they are one contiguous range of the store."""
+    parts = [store[:, :, a:b] if j < 0 else extras[j] for j, a, b in pieces]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def _new_output(q: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) view of a (B, N, H, D) buffer: the output projection then reads it without a copy."""
+    b, h, n, d = q.shape
+    return q.new_empty(b, n, h, d).transpose(1, 2)
+
+
+def _flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The kernel F.scaled_dot_product_attention dispatches to on CPU; it also returns the
+    # log-sum-exp that its backward needs.
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=1.0)
+
+
+class _BlockwiseFlashCPU(torch.autograd.Function):
+    """Blockwise attention with a hand-written backward (CPU flash kernels).
+
+    Autograd through per-block slices of q/k/v allocates a zero tensor of the full size for every
+    slice's gradient, copies the slice in and sums them all (3 x blocks full-size passes per layer),
+    and re-concatenates the per-block outputs. Here the outputs go straight into one buffer and each
+    block's gradients are accumulated in place into one dq/dk/dv (and one per extra block).
+    """
+
+    @staticmethod
+    def forward(ctx, calls, num_extras, q, k, v, *extras):
+        # Extra blocks come flat (keys, then values) so that autograd tracks them.
+        k_extras, v_extras = extras[:num_extras], extras[num_extras:]
+        out = _new_output(q)
+        lses = []
+        for call in calls:
+            o, lse = _flash_cpu(q[:, :, call.q0 : call.q1], _gather(call.pieces, k, k_extras), _gather(call.pieces, v, v_extras))
+            out[:, :, call.q0 : call.q1] = o
+            lses.append(lse)
+        ctx.calls, ctx.num_extras = calls, len(k_extras)
+        ctx.save_for_backward(q, k, v, out, *k_extras, *v_extras, *lses)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, *rest = ctx.saved_tensors
+        ne = ctx.num_extras
+        k_extras, v_extras, lses = tuple(rest[:ne]), tuple(rest[ne : 2 * ne]), rest[2 * ne :]
+        dq = torch.empty_like(q)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        dk_extras = [torch.zeros_like(t) for t in k_extras]
+        dv_extras = [torch.zeros_like(t) for t in v_extras]
+        for call, lse in zip(ctx.calls, lses):
+            rows = slice(call.q0, call.q1)
+            kb, vb = _gather(call.pieces, k, k_extras), _gather(call.pieces, v, v_extras)
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out[:, :, rows], q[:, :, rows], kb, vb, out[:, :, rows], lse, 0.0, False, scale=1.0
+            )
+            dq[:, :, rows] = gq
+            pos = 0
+            for j, a, b in call.pieces:
+                n = b - a if j < 0 else k_extras[j].shape[2]
+                (dk[:, :, a:b] if j < 0 else dk_extras[j]).add_(gk[:, :, pos : pos + n])
+                (dv[:, :, a:b] if j < 0 else dv_extras[j]).add_(gv[:, :, pos : pos + n])
+                pos += n
+        return None, None, dq, dk, dv, *dk_extras, *dv_extras
 
 
 def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: AttentionContext) -> torch.Tensor:
@@ -116,29 +285,27 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
     first_q = max(ctx.start, ctx.query_from)
     if first_q >= ctx.end:  # only keys/values were needed (e.g. the source in the last layer)
         return q[:, :, q.shape[2] :]
+    q = q[:, :, first_q - ctx.start :]
     if ctx.impl == "masked":
-        return _masked(q[:, :, first_q - ctx.start :], k_store, v_store, offset, first_q, layer, ctx, extra)
-    outputs = []
-    for block in range(ctx.first_block, ctx.last_block):
-        s, e = layout.block_range(block)
-        if e <= first_q:
-            continue
-        qb = q[:, :, max(s, first_q) - ctx.start : e - ctx.start]
-        ks, vs = [], []
-        for kind, a, b in _key_pieces(layout, vis, block):
-            if kind == "seq":
-                if a < offset:
-                    raise RuntimeError(f"block {block} sees keys [{a}, {b}) that are neither cached nor in this chunk")
-                ks.append(k_store[:, :, a - offset : b - offset])
-                vs.append(v_store[:, :, a - offset : b - offset])
-            else:
-                ke, ve = extra.get(a)
-                ks.append(ke)
-                vs.append(ve)
-        kb = ks[0] if len(ks) == 1 else torch.cat(ks, dim=2)
-        vb = vs[0] if len(vs) == 1 else torch.cat(vs, dim=2)
-        outputs.append(F.scaled_dot_product_attention(qb, kb, vb, scale=1.0))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        return _masked(q, k_store, v_store, offset, first_q, layer, ctx, extra)
+    calls, extra_ids = _block_calls(layout, layer, ctx.first_block, ctx.last_block, first_q, offset)
+    pairs = [extra.get(j) for j in extra_ids]
+    if pairs:
+        calls, kept = _resolve_aliases(calls, tuple(_store_rows(ke, ve, k_store, v_store) for ke, ve in pairs))
+        pairs = [pairs[j] for j in kept]
+    k_extras, v_extras = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_store, v_store, *k_extras, *v_extras))
+    if needs_grad and q.device.type == "cpu":
+        return _BlockwiseFlashCPU.apply(calls, len(k_extras), q, k_store, v_store, *k_extras, *v_extras)
+    if len(calls) == 1:
+        call = calls[0]
+        kb, vb = _gather(call.pieces, k_store, k_extras), _gather(call.pieces, v_store, v_extras)
+        return F.scaled_dot_product_attention(q, kb, vb, scale=1.0)
+    out = _new_output(q)
+    for call in calls:
+        kb, vb = _gather(call.pieces, k_store, k_extras), _gather(call.pieces, v_store, v_extras)
+        out[:, :, call.q0 : call.q1] = F.scaled_dot_product_attention(q[:, :, call.q0 : call.q1], kb, vb, scale=1.0)
+    return out
 
 
 def _visible_extras(layout: SequenceLayout, vis: LayerVisibility, first_block: int, last_block: int) -> tuple[int, ...]:

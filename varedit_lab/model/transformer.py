@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from conditioning.base import ConditioningPlan, SequenceLayout
 from varedit_lab.model.attention import ATTENTION_IMPLS, AttentionContext, KVCache
-from varedit_lab.model.blocks import AdaLNBeforeHead, CrossAttention, CrossAttnBlock, RMSNorm, rope_angles
+from varedit_lab.model.blocks import AdaLNBeforeHead, BlockConstants, CrossAttention, CrossAttnBlock, RMSNorm, rope_angles
 from varedit_lab.model.layout import NUM_LEVELS
 from varedit_lab.model.quant import CodeAccumulator
 from varedit_lab.model.sampling import sample_bits
@@ -87,6 +87,9 @@ class TextContext:
     gss: torch.Tensor  # (B, 1, 6, C): shared AdaLN output
     kv: torch.Tensor  # (B, L, C): cross-attention key/value input
     mask: torch.Tensor  # (B, 1, 1, L) bool: valid text rows
+    # Cached inference: per-block and head constants of this text, computed once per edit.
+    blocks: list[BlockConstants] | None = None
+    head: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -118,7 +121,7 @@ class VAREditTransformer(nn.Module):
         self.blocks = nn.ModuleList(CrossAttnBlock(c, cfg.num_heads, cfg.mlp_hidden, i, cfg.norm_eps) for i in range(cfg.depth))
         self.head_nm = AdaLNBeforeHead(c, cfg.norm_eps)
         self.head = nn.Linear(c, 2 * cfg.token_channels)
-        self._rope: dict[tuple[SequenceLayout, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope: dict[tuple[SequenceLayout, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------------------------------
     # text
@@ -137,7 +140,10 @@ class VAREditTransformer(nn.Module):
     def encode_text(self, text: TextFeatures, drop: torch.Tensor | None = None) -> TextContext:
         """Text path. ``drop`` (B,) bool replaces those samples by the unconditional text (out of place)."""
         feats = text.features.float()
-        if drop is not None and bool(drop.any()):
+        if drop is not None:
+            # Also when no sample is dropped (same values): cfg_uncond then still receives a (zero)
+            # gradient, so DDP/FSDP never see a trainable parameter without one in some steps, and
+            # there is no host sync on drop.any().
             feats = torch.where(drop.view(-1, 1, 1), self.uncond_text(text).features, feats)
         mask = (torch.arange(feats.shape[1], device=feats.device)[None, :] < text.lengths[:, None]).view(len(text), 1, 1, -1)
         normed = self.text_norm(feats)
@@ -148,11 +154,13 @@ class VAREditTransformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     # blocks
-    def rope(self, layout: SequenceLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, layout: SequenceLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cos, sin (L, D/2) and cos + i sin of the layout's positions (built once per layout)."""
         key = (layout, device)
         if key not in self._rope:
             cos, sin = rope_angles(layout.positions, self.cfg.head_dim)
-            self._rope[key] = (cos.to(device), sin.to(device))
+            cos, sin = cos.to(device), sin.to(device)
+            self._rope[key] = (cos, sin, torch.complex(cos, sin))
         return self._rope[key]
 
     def run_blocks(
@@ -170,10 +178,12 @@ class VAREditTransformer(nn.Module):
         Returns hidden states of the tokens from ``outputs_from`` (a sequence index) on: the last
         layer skips everything but the key/value projection for earlier tokens.
         """
-        cos, sin = self.rope(layout, x.device)
+        cos, sin, cis = self.rope(layout, x.device)
         start = layout.block_starts[blocks[0]]
         end = layout.block_range(blocks[1] - 1)[1]
-        ctx = AttentionContext(layout, cos[start:end], sin[start:end], blocks[0], blocks[1], self.cfg.attention, cache)
+        ctx = AttentionContext(
+            layout, cos[start:end], sin[start:end], blocks[0], blocks[1], self.cfg.attention, cache, cis=cis[start:end]
+        )
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             layer_ctx = dataclasses.replace(ctx, query_from=outputs_from) if i == last and outputs_from > start else ctx
@@ -181,11 +191,12 @@ class VAREditTransformer(nn.Module):
             if self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(block, x, text.gss, text.kv, text.mask, layer_ctx, keep_i, use_reentrant=False)
             else:
-                x = block(x, text.gss, text.kv, text.mask, layer_ctx, keep_i)
+                consts = text.blocks[i] if text.blocks is not None else None
+                x = block(x, text.gss, text.kv, text.mask, layer_ctx, keep_i, consts)
         return x
 
-    def logits(self, hidden: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_nm(hidden.float(), cond.float()))
+    def logits(self, hidden: torch.Tensor, cond: torch.Tensor, modulation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.head(self.head_nm(hidden.float(), cond.float(), modulation))
 
     # ------------------------------------------------------------------------------------------
     # training
@@ -239,12 +250,15 @@ class VAREditTransformer(nn.Module):
         greedy: bool = False,
         generator: torch.Generator | None = None,
         forced_bits: Sequence[torch.Tensor] | None = None,
+        use_cache: bool = True,
     ) -> Generation:
         """Scale-by-scale decoding with a KV cache and classifier-free guidance on logits.
 
         The source is prefilled once for both CFG branches (each with its own text, so their cached
         source keys differ); CFG drops the text only. Works for any batch size. ``forced_bits``
         feeds given bits instead of sampled ones (teacher-forced cached inference).
+        ``use_cache=False`` is the no-KV-cache baseline: every scale re-runs the whole prefix
+        (source and target scales so far) through all layers; same result, far more work.
         """
         layout, schedule = plan.layout, plan.layout.schedule
         k = schedule.num_scales
@@ -258,13 +272,18 @@ class VAREditTransformer(nn.Module):
             plan = plan.repeat(2)
         branches = 2 if guided else 1
         tctx = self.encode_text(text)
+        tctx.blocks = [block.constants(tctx.gss, tctx.kv) for block in self.blocks]
+        tctx.head = self.head_nm.modulation(tctx.cond.float())
         device = plan.source_tokens.device
-        cache = KVCache.allocate(
-            self.cfg.depth, batch * branches, self.cfg.num_heads, layout.length, self.cfg.head_dim, device, torch.float32
-        )
         n_src_blocks = layout.num_source_blocks
         src = self.word_embed(plan.source_tokens.float()) + self.lvl_embed(layout.levels[: layout.num_source_tokens].to(device))
-        self.run_blocks(src, layout, tctx, (0, n_src_blocks), cache=cache, outputs_from=layout.num_source_tokens)
+        cache = None
+        if use_cache:
+            cache = KVCache.allocate(
+                self.cfg.depth, batch * branches, self.cfg.num_heads, layout.length, self.cfg.head_dim, device, torch.float32
+            )
+            self.run_blocks(src, layout, tctx, (0, n_src_blocks), cache=cache, outputs_from=layout.num_source_tokens)
+        prefix = [src]  # without a cache: the embedded sequence so far
 
         acc = CodeAccumulator(schedule, self.cfg.patchify, self.cfg.codebook_dim, batch, device)
         x = tctx.cond.unsqueeze(1) + self.pos_start
@@ -273,8 +292,12 @@ class VAREditTransformer(nn.Module):
             block = n_src_blocks + s
             start, end = layout.block_range(block)
             x = x + self.lvl_embed(layout.levels[start:end].to(device))
-            hidden = self.run_blocks(x, layout, tctx, (block, block + 1), cache=cache)
-            logits = self.logits(hidden, tctx.cond) / taus[s]
+            if use_cache:
+                hidden = self.run_blocks(x, layout, tctx, (block, block + 1), cache=cache)
+            else:
+                prefix.append(x)
+                hidden = self.run_blocks(torch.cat(prefix, dim=1), layout, tctx, (0, block + 1), outputs_from=start)
+            logits = self.logits(hidden, tctx.cond, tctx.head) / taus[s]
             if guided:
                 logits = cfgs[s] * logits[:batch] + (1 - cfgs[s]) * logits[batch:]
             bits = forced_bits[s].to(device) if forced_bits is not None else sample_bits(logits, top_k, top_p, greedy, generator)
