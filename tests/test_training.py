@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from varedit_lab.config import load_config
 from varedit_lab.module import EditorModule
@@ -90,3 +91,19 @@ def test_sigkill_then_resume_matches_uninterrupted_run(synthetic_shards, tmp_pat
     assert steps and steps[-1] == 11 and steps[0] >= 5, steps  # CSV steps are 0-based
     for step in steps:
         assert resumed_losses[step] == pytest.approx(ref_losses[step], abs=1e-6), (step, resumed_losses, ref_losses)
+
+
+def test_latent_cache_returns_the_tokenizer_latents(synthetic_shards, tmp_path):
+    from varedit_lab.data.datamodule import EditDataModule
+
+    cfg = load_config(TINY, tiny_overrides(synthetic_shards, tmp_path))
+    module = EditorModule(cfg).train()
+    data = EditDataModule(cfg.data, seed=0, rank=0, world_size=1)
+    data.setup("fit")
+    loader = iter(data.train_dataloader())
+    first, second = next(loader), next(loader)
+    for batch in (first, second, first):  # the third call is served from the cache
+        source, target = module.latents(batch)
+        torch.testing.assert_close(source, module.tokenizer.encode_latent(batch["source"]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(target, module.tokenizer.encode_latent(batch["target"]), rtol=0, atol=1e-6)
+    assert len(module._latent_cache) == len(set(first["key"]) | set(second["key"]))

@@ -94,6 +94,7 @@ class EditorModule(pl.LightningModule):
         self.copy_quality = EditQuality()
         self._edits_done = 0
         self._grid: list[torch.Tensor] = []
+        self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.num_scales = k
 
     # ---------------------------------------------------------------------------------------------
@@ -127,10 +128,31 @@ class EditorModule(pl.LightningModule):
 
     @torch.no_grad()
     def encode_batch(self, batch: dict[str, Any], flip_probs: list[float] = ()) -> EditInputs:
-        source_latent = self.tokenizer.encode_latent(batch["source"])
-        target = self.tokenizer.encode_target(batch["target"], self.schedule, flip_probs=flip_probs, generator=self.step_generator(1))
+        source_latent, target_latent = self.latents(batch)
+        target = self.tokenizer.quantize_latent(target_latent, self.schedule, flip_probs=flip_probs, generator=self.step_generator(1))
         text = self.text_encoder.encode(batch["instruction"]).to(self.device)
         return EditInputs(source_latent, target.bits, target.teacher_inputs, text)
+
+    @torch.no_grad()
+    def latents(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continuous source and target latents of a batch, from the frozen tokenizer.
+
+        With ``data.cache_latents`` the latents of each training sample are kept by sample key (the
+        tokenizer is frozen and the images deterministic, so they never change): small datasets
+        such as the synthetic benchmark then pay the VAE once per sample, not once per step.
+        """
+        keys = batch.get("key") if (self.training and self.cfg.data.cache_latents) else None
+        if keys is None:
+            return self.tokenizer.encode_latent(batch["source"]), self.tokenizer.encode_latent(batch["target"])
+        missing = [i for i, key in enumerate(keys) if key not in self._latent_cache]
+        if missing:
+            images = torch.cat([batch["source"][missing], batch["target"][missing]])
+            encoded = self.tokenizer.encode_latent(images).cpu()
+            for j, i in enumerate(missing):
+                self._latent_cache[keys[i]] = (encoded[j], encoded[len(missing) + j])
+        pairs = [self._latent_cache[key] for key in keys]
+        device = batch["source"].device
+        return torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device)
 
     def plan(self, source_latent: torch.Tensor) -> ConditioningPlan:
         return self.strategy.plan(source_latent, self.schedule, self.rope_layout, self.patchify)

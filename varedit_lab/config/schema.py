@@ -102,6 +102,9 @@ class DataConfig:
     test_samples: int = 0  # fixed test list, as val_samples (0 = all)
     min_side: int = 8  # an image with a shorter side is a bad sample
     strict: bool = False  # raise on a bad sample instead of counting and skipping it
+    # Keep each training sample's tokenizer latents in memory by sample key (needs keys that are
+    # unique across shards, as `data synth` writes them): for small datasets such as the benchmark.
+    cache_latents: bool = False
 
 
 @dataclass
