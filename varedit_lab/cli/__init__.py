@@ -17,6 +17,11 @@ COMMANDS = [
     "varedit_lab.cli.data_cmd",
     "varedit_lab.cli.train",
     "varedit_lab.cli.sweep_cmd",
+    "varedit_lab.cli.demo_cmd",
+    "varedit_lab.cli.export_cmd",
+    "varedit_lab.cli.edit_cmd",
+    "varedit_lab.cli.eval_cmd",
+    "varedit_lab.cli.probe_cmd",
 ]
 
 

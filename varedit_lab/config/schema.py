@@ -53,12 +53,13 @@ class TokenizerConfig:
     # Tokenizer training only (task=tokenizer; see varedit_lab.tokenizer.module).
     l1_loss_weight: float = 1.0  # pixel reconstruction through all scales
     l2_loss_weight: float = 1.0
-    entropy_loss_weight: float = 0.01  # BSQ entropy: H_sample - gamma * H_codebook
+    entropy_loss_weight: float = 0.01  # BSQ entropy (H_sample - gamma * H_codebook) / inv_temperature
     codebook_entropy_gamma: float = 1.0
     entropy_inv_temperature: float = 100.0
     commitment_loss_weight: float = 0.25  # BSQ per-scale ||u - sg(q)||^2 on the normalised residual
-    latent_commitment_weight: float = 0.1  # ||z - sg(summed codes)||^2: keeps z in the codes' range
-    zero_init_residual: bool = True  # residual branches start at zero (faster from-scratch training)
+    latent_commitment_weight: float = 0.0  # ||z - sg(summed codes)||^2 on the whole latent
+    straight_through: str = "scales"  # scales (the quantiser's per-scale STE) | global (z + sg(z_q - z))
+    zero_init_residual: bool = True  # residual branches start at zero (from-scratch training)
     channels_last: bool = True  # NHWC convolutions (faster on CPU)
     scales: List[int] = field(default_factory=lambda: [1, 2, 4, 6, 8])
 

@@ -80,6 +80,21 @@ class ProbeCallback(pl.Callback):
         self.last_result: ProbeResult | None = None
         self.last_dir: Path | None = None
 
+    @classmethod
+    def from_config(cls, probes: Any) -> "ProbeCallback":
+        """From the run config's ``probes`` section (:class:`varedit_lab.config.ProbesConfig`): empty
+        ``layers``/``heads`` mean all; ``map_layers`` null means the first and last probed layer."""
+        map_layers = getattr(probes, "map_layers", None)
+        return cls(
+            every_n_val=int(probes.every_n_val),
+            layers=list(probes.layers) or None,
+            heads=list(probes.heads) or None,
+            num_samples=int(probes.num_samples),
+            radius=float(probes.radius),
+            map_layers=None if map_layers is None else list(map_layers),
+            log_images=bool(getattr(probes, "log_images", True)),
+        )
+
     # -- hooks --------------------------------------------------------------------------------------
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.batch is None and batch_idx == 0 and dataloader_idx == 0 and not trainer.sanity_checking:

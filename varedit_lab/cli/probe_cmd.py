@@ -1,0 +1,71 @@
+"""``varedit-lab probe``: attention statistics of a trained checkpoint (paper §3.2.2, Fig. 3).
+
+  varedit-lab probe --ckpt runs/NAME/checkpoints/last.ckpt --out probes/NAME
+  varedit-lab probe --ckpt CKPT --data 'data/synthetic64/val-*.tar' --layers 0 1 -1 --samples 16 --out DIR
+
+Probes the first --samples samples of --data (default: the validation shards of the checkpoint's run
+config), teacher-forced, and writes DIR/probe.json (block attention mass per query x key block,
+locality, diagonality and entropy per layer and head, with the probe settings, the strategy, the
+checkpoint and its run config) and DIR/block_mass.png, DIR/locality.png and, when full maps were kept,
+DIR/attention_maps.png (the paper's figure). --maps LAYER ... keeps the whole-sequence head-mean maps
+of those layers (default: the first and last probed layer, skipped when over the byte budget; --maps
+with no layer keeps none). A table of first-vs-last-layer means is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "probe",
+        help="attention-map probes of a checkpoint: probe.json + PNGs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by `varedit-lab train` (a file)")
+    parser.add_argument("--data", help="shard spec to probe (default: data.val_shards of the checkpoint's config)")
+    parser.add_argument("--out", required=True, help="output folder (probe.json and PNGs)")
+    parser.add_argument("--layers", type=int, nargs="+", metavar="L", help="layers to probe (negative from the end; default all)")
+    parser.add_argument("--heads", type=int, nargs="+", metavar="H", help="heads to record (default all)")
+    parser.add_argument("--samples", type=int, default=8, help="samples to probe (the first good ones in shard order; default 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward (default 8)")
+    parser.add_argument("--radius", type=float, default=1.0, help="locality radius in finest-source tokens (>= 0.5; default 1)")
+    parser.add_argument("--maps", type=int, nargs="*", metavar="LAYER",
+                        help="layers whose full maps to keep (default: first and last probed; no value: none)")
+    parser.add_argument("--max-map-mib", type=float, default=64.0, help="byte budget of the full maps in MiB (default 64)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the rebuilt editor (repeatable), e.g. tokenizer.checkpoint=/path/tokenizer.pt")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 or auto")
+    parser.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.samples < 1 or args.batch_size < 1:
+        raise SystemExit("error: --samples and --batch-size must be >= 1")
+    if args.radius < 0.5:
+        raise SystemExit("error: --radius must be >= 0.5 (the query's own source cell)")
+    if not Path(args.ckpt).is_file():
+        raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    from varedit_lab.probes.compare import summary_markdown
+    from varedit_lab.probes.run import probe_checkpoint
+
+    result = probe_checkpoint(
+        args.ckpt, args.data, args.layers, args.heads, num_samples=args.samples, batch_size=args.batch_size,
+        radius=args.radius, maps=args.maps, out_dir=args.out, overrides=args.override, device=args.device,
+        max_map_bytes=int(args.max_map_mib * 2**20),
+    )
+    out = Path(args.out)
+    whole_maps = any(head is None and len(blocks) == result.layout.num_blocks for _, head, blocks in result.maps)
+    written = ["probe.json", "block_mass.png", "locality.png"] + (["attention_maps.png"] if whole_maps else [])
+    print(f"probed layers {result.layers} of {result.layout.description.get('name')}: wrote {', '.join(written)} to {out}",
+          file=sys.stderr)
+    print(summary_markdown({str(result.layout.description.get("name")): result}), end="")
+    return 0
