@@ -42,6 +42,7 @@ def _restore_global_state(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyt
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     yield
+    _finish_wandb_run()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     torch.set_num_threads(threads)
@@ -51,6 +52,15 @@ def _restore_global_state(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyt
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def _finish_wandb_run() -> None:
+    """A test that fits with a WandbLogger leaves its run open; the next wandb.init would reuse it."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 @pytest.fixture
