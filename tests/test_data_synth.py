@@ -172,10 +172,10 @@ def test_data_subcommands_can_be_added(monkeypatch):
     monkeypatch.setattr(data_cmd, "_EXTRA", [])
 
     def register(data_sub):
-        data_sub.add_parser("precompute").set_defaults(func=lambda args: 7)
+        data_sub.add_parser("count-pixels").set_defaults(func=lambda args: 7)
 
     data_cmd.add_data_command(register)
-    args = build_parser().parse_args(["data", "precompute"])
+    args = build_parser().parse_args(["data", "count-pixels"])
     assert args.func(args) == 7
 
 

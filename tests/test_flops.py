@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import conditioning
-from varedit_lab.model.flops import edit_flops, forward_flops, train_step_flops, visible_pairs
+from varedit_lab.model.flops import edit_flops, forward_flops, recompute_edit_flops, train_step_flops, visible_pairs
 from varedit_lab.model.layout import ScaleSchedule
 from varedit_lab.model.transformer import TransformerConfig
 
@@ -72,3 +72,22 @@ def test_forward_flops_hand_count():
     assert train_step_flops(cfg, lay, text_len, batch=3) == pytest.approx(3 * 3 * 2 * macs)
     assert edit_flops(cfg, lay, text_len) == pytest.approx(2 * 2 * macs)
     assert edit_flops(cfg, lay, text_len, guided=False) == pytest.approx(2 * macs)
+
+
+def test_recompute_edit_flops_hand_count():
+    """Without a cache, scale s re-runs the prefix [source, scales <= s]: for scales [1, 2] the extra
+    work over the cached edit is the forward of [source (4), SOS (1)] (its head row is counted in
+    both)."""
+    c, heads, hid, ct5, d, depth, text_len = 8, 2, 32, 4, 2, 2, 3
+    cfg = TransformerConfig(depth=depth, width=c, num_heads=heads, mlp_hidden=hid, text_channels=ct5, text_maxlen=8, codebook_dim=d)
+    lay = layout("max_scale")
+    n, t = 5, 1  # prefix tokens, its target tokens (the SOS)
+    embed = (n - 1) * d * c
+    attn_proj = n * 4 * c * c + (t * 4 * c * c + 4 * 2 * c * c)
+    pairs = (16 + 5) + 5
+    cross = (n + t) * 2 * c * c + depth * text_len * 2 * c * c + 2 * (n + t) * text_len * c
+    ffn = (n + t) * 2 * c * hid
+    prefix = 2 * (embed + attn_proj + 2 * pairs * c + cross + ffn)
+    extra = recompute_edit_flops(cfg, lay, text_len, guided=False) - edit_flops(cfg, lay, text_len, guided=False)
+    assert extra == pytest.approx(prefix)
+    assert recompute_edit_flops(cfg, lay, text_len) == pytest.approx(2 * recompute_edit_flops(cfg, lay, text_len, guided=False))

@@ -210,3 +210,31 @@ def test_normalize_scale_rotate_backward_matches_autograd():
     expected = torch.autograd.grad(rotate(torch.nn.functional.normalize(x, dim=-1, eps=1e-12) * scale, cis), (x, scale), grad)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name, options", [STRATEGIES[0], STRATEGIES[3]], ids=["full_coarser", "sar"])
+def test_activation_checkpointing_gives_the_same_gradients(name, options):
+    plan, tokens, text = make_data(name, options, batch=2)
+    bits = torch.cat(tokens.bits, dim=1)
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(activation_checkpointing=checkpointing, drop_path_rate=0.1).train()
+        gen = torch.Generator().manual_seed(0)
+        bitwise_loss(model(plan, tokens.teacher_inputs, text, generator=gen), bits, SCHEDULE).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+
+
+def test_bf16_autocast_train_step_and_edit_run():
+    """Under autocast (bf16 on GPU in the editor) q/k stay fp32 and mixed dtypes take the generic path."""
+    plan, tokens, text = make_data("sar", {}, batch=2)
+    model = make_model().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(plan, tokens.teacher_inputs, text)
+    loss = bitwise_loss(logits.float(), torch.cat(tokens.bits, dim=1), SCHEDULE).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.eval().generate(plan, text, cfg=3.0, tau=0.5, greedy=True)
+    assert all(torch.isfinite(x).all() for x in out.logits)

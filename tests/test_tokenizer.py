@@ -13,6 +13,13 @@ TINY = VAEArch(codebook_dim=8, patch_size=4, base_ch=8, encoder_ch_mult=(1, 2, 2
 SCHEDULE = ScaleSchedule.from_scales([1, 2, 4])  # 16 px images at stride 4
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    # Small convolutions gain nothing from a second thread and suffer badly from OpenMP spin-waits
+    # on a loaded machine; conftest restores the thread count.
+    torch.set_num_threads(1)
+
+
 def tiny(seed: int = 0, arch: VAEArch = TINY) -> BSQTokenizer:
     torch.manual_seed(seed)
     return BSQTokenizer(arch).eval()
@@ -36,6 +43,18 @@ def test_released_key_layout_and_level_rules() -> None:
     assert nin == [f"{p}.block.0.nin_shortcut.conv.weight" for p in ("decoder.up.0", "decoder.up.1", "encoder.down.1", "encoder.down.2")]
     assert len([k for k in keys if k.startswith("decoder.up.0.block.")]) == 2 * 8 + 2  # num_res_blocks + 1 blocks
     assert {"quantizer.lfq.mask", "quantize.lfq.mask"} <= keys
+
+
+@pytest.mark.parametrize("config, tensors, params", [("varedit_2b_256", 270, 110.1), ("varedit_8b_512", 226, 81.6)])
+def test_released_tokenizer_sizes(config: str, tensors: int, params: float) -> None:
+    """The released configs rebuild the released VAEs: tensor count and parameters (reference-model.md 3.1)."""
+    from varedit_lab.config import experiments_dir, load_config
+
+    cfg = load_config(experiments_dir() / "released" / f"{config}.yaml")
+    with torch.device("meta"):
+        vae = BSQTokenizer.from_config(cfg.tokenizer)
+    assert len(vae.state_dict()) == tensors
+    assert round(sum(p.numel() for p in vae.parameters()) / 1e6, 1) == params
 
 
 def test_shapes_and_token_channels() -> None:

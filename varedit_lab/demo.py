@@ -46,7 +46,10 @@ class DemoPaths:
 
     @classmethod
     def create(cls, root: Path, mode: str) -> "DemoPaths":
-        return cls(root, Path("data/synthetic64"), Path("runs/tokenizer-synthetic64"), root / mode / "sweep", root / mode / "probes")
+        # The full demo trains the tokenizer experiments/synthetic/*.yaml point at; the quick one
+        # trains a shorter one of its own (so it never stands in for the full one).
+        tokenizer = Path("runs/tokenizer-synthetic64") if mode == "full" else root / mode / "tokenizer-synthetic64"
+        return cls(root, Path("data/synthetic64"), tokenizer, root / mode / "sweep", root / mode / "probes")
 
 
 def _say(out: TextIO, message: str) -> None:

@@ -27,6 +27,7 @@ from varedit_lab.model.build import build_transformer
 from varedit_lab.model.compat import load_released
 from varedit_lab.model.layout import ScaleSchedule
 from varedit_lab.model.loss import bitwise_loss
+from varedit_lab.model.quant import teacher_inputs_from_bits
 from varedit_lab.model.transformer import TextFeatures
 from varedit_lab.text import TextEncoder
 
@@ -128,10 +129,38 @@ class EditorModule(pl.LightningModule):
 
     @torch.no_grad()
     def encode_batch(self, batch: dict[str, Any], flip_probs: list[float] = ()) -> EditInputs:
+        if "source_latent" in batch:
+            return self.stored_inputs(batch, flip_probs)
         source_latent, target_latent = self.latents(batch)
         target = self.tokenizer.quantize_latent(target_latent, self.schedule, flip_probs=flip_probs, generator=self.step_generator(1))
         text = self.text_encoder.encode(batch["instruction"]).to(self.device)
         return EditInputs(source_latent, target.bits, target.teacher_inputs, text)
+
+    @torch.no_grad()
+    def stored_inputs(self, batch: dict[str, Any], flip_probs: list[float] = ()) -> EditInputs:
+        """Inputs of a batch from ``data precompute`` shards: no VAE, and no T5 when text is stored."""
+        if flip_probs:
+            raise ValueError("loss.bsc_scales > 0 flips bits of the continuous target latent, which precomputed shards do not "
+                             "store: set loss.bsc_scales=0 or train from image shards")
+        latent, packed = batch["source_latent"], batch["target_bits_packed"]
+        d, channels = self.tokenizer.codebook_dim, self.tokenizer.token_channels
+        if latent.shape[1] != d or packed.shape[1] != self.schedule.total or packed.shape[2] * 8 < channels:
+            raise ValueError(
+                f"precomputed shards hold latents of {latent.shape[1]} channels and {packed.shape[1]} target tokens of "
+                f"{packed.shape[2] * 8} bits; this run needs {d} channels and {self.schedule.total} tokens of {channels} bits "
+                f"(model.scales={list(self.cfg.model.scales)}): precompute again with this config"
+            )
+        shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)
+        bits = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :channels]  # np.packbits is MSB first
+        per_scale = list(torch.split(bits, list(self.schedule.sizes), dim=1))
+        teacher = teacher_inputs_from_bits(per_scale, self.schedule, self.patchify, d)
+        if "text_features" in batch:
+            if batch["text_features"].shape[-1] != self.text_encoder.width:
+                raise ValueError(f"precomputed text features are {batch['text_features'].shape[-1]} wide; the text encoder is {self.text_encoder.width}")
+            text = TextFeatures(batch["text_features"], batch["text_lengths"])
+        else:
+            text = self.text_encoder.encode(batch["instruction"]).to(self.device)
+        return EditInputs(latent, per_scale, teacher, text)
 
     @torch.no_grad()
     def latents(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

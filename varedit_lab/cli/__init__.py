@@ -37,7 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options too (argparse stops collecting positionals at the first option)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in t and not t.startswith("-") for t in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = args.func(args)
     except KeyboardInterrupt:

@@ -3,9 +3,10 @@
 * ``data synth``: the synthetic edit benchmark (train/val/test shards with ground-truth masks);
 * ``data convert``: a folder or JSONL of (source, target, instruction[, mask]) into shards;
 * ``data inspect``: count samples, edit kinds and keys of a shard spec (reads through the loader's
-  decoder, so it also reports bad samples).
+  decoder, so it also reports bad samples);
+* ``data precompute``: tokenizer codes and text features into shards (varedit_lab.tokenizer.precompute_cmd).
 
-Adding a subcommand (e.g. ``data precompute``): write a module with
+Adding a subcommand: write a module with
 ``register_data(data_subparsers)`` that adds a parser and ``set_defaults(func=...)``, and append its
 dotted name to :data:`DATA_COMMANDS`; or call :func:`add_data_command` from anywhere before
 ``build_parser()`` runs. Keep heavy imports inside the run function.
@@ -20,7 +21,7 @@ import sys
 from typing import Callable
 
 # Modules that add ``data`` subcommands through ``register_data(data_subparsers)``.
-DATA_COMMANDS: list[str] = []
+DATA_COMMANDS: list[str] = ["varedit_lab.tokenizer.precompute_cmd"]
 
 _EXTRA: list[Callable[[argparse._SubParsersAction], None]] = []
 
@@ -54,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         importlib.import_module(name).register_data(data_sub)
     for extra in _EXTRA:
         extra(data_sub)
+    for action in data_sub.choices.values():  # one-line errors for plug-in subcommands too
+        run = action.get_default("func")
+        if run is not None and not hasattr(run, "__wrapped__"):
+            action.set_defaults(func=_user_errors(run))
 
 
 # -- synth -----------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class TokenizerConfig:
     entropy_inv_temperature: float = 100.0
     commitment_loss_weight: float = 0.25  # BSQ per-scale ||u - sg(q)||^2 on the normalised residual
     latent_commitment_weight: float = 0.0  # ||z - sg(summed codes)||^2 on the whole latent
+    cycle_loss_weight: float = 0.0  # ||E(D(z_q)) - sg(z)||^2: bits -> decode -> encode keeps the bits
     straight_through: str = "scales"  # scales (the quantiser's per-scale STE) | global (z + sg(z_q - z))
     zero_init_residual: bool = True  # residual branches start at zero (from-scratch training)
     channels_last: bool = True  # NHWC convolutions (faster on CPU)

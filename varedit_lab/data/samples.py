@@ -20,6 +20,18 @@ instruction     list[str]
 kind            list[str]               edit kind from the json metadata ('' if unknown)
 key             list[str]               the sample's ``__key__``
 ==============  ======================  ==============================================
+
+Shards written by ``varedit-lab data precompute`` also carry the frozen tokenizer's and text
+encoder's outputs; when every sample of a batch has them, the batch adds
+
+==================  ==========================  ==========================================
+key                 type                        meaning
+==================  ==========================  ==========================================
+source_latent       float32 (B, d, H', W')      continuous source latent
+target_bits_packed  uint8 (B, T, ceil(d'/8))    bit labels of all scales, ``np.packbits``
+text_features       float32 (B, L_max, C)       right-padded (only when stored for all)
+text_lengths        int64 (B,)
+==================  ==========================  ==========================================
 """
 
 from __future__ import annotations
@@ -35,7 +47,9 @@ import torch
 from PIL import Image
 
 IMAGE_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
-REASONS: tuple[str, ...] = ("missing_key", "unreadable_image", "wrong_size", "bad_metadata", "unreadable_shard")
+REASONS: tuple[str, ...] = ("missing_key", "unreadable_image", "wrong_size", "bad_metadata", "unreadable_shard", "bad_array")
+# Arrays added by `data precompute` (see varedit_lab.tokenizer.precompute), with their batch keys.
+PRECOMPUTED: dict[str, str] = {"src_latent.npy": "source_latent", "tgt_bits.npy": "target_bits_packed", "txt_emb.npy": "text"}
 # Bad samples in a row before giving up: a resampled stream of only-bad data never ends otherwise.
 MAX_CONSECUTIVE_BAD = 1000
 
@@ -199,9 +213,42 @@ class DecodeEditSample:
         if mask is not None:
             binary = np.asarray(resize_cover_crop(mask, size, Image.NEAREST)) >= 128
             example["mask"] = torch.from_numpy(binary[None].astype(np.uint8))
+        stored = {name: _load_array(sample[field], key, field, url) for field, name in PRECOMPUTED.items() if field in sample}
+        if stored:
+            example["precomputed"] = stored
         if self.tracker is not None:
             self.tracker.ok()
         return example
+
+
+def _load_array(value: Any, key: str, field: str, url: str) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.load(BytesIO(value), allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise BadSampleError("bad_array", key, f"{field}: {err}", url) from err
+
+
+def _collate_precomputed(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    stored = [e.get("precomputed") for e in examples]
+    if all(s is None for s in stored):
+        return {}
+    if any(s is None or "source_latent" not in s or "target_bits_packed" not in s for s in stored):
+        keys = [e["key"] for e, s in zip(examples, stored) if s is None or "source_latent" not in s]
+        raise ValueError(f"a batch mixes precomputed and plain samples (e.g. {keys[:3]}): read precomputed shards only")
+    out = {
+        "source_latent": torch.from_numpy(np.stack([s["source_latent"] for s in stored]).astype(np.float32)),
+        "target_bits_packed": torch.from_numpy(np.stack([s["target_bits_packed"] for s in stored])),
+    }
+    if all("text" in s for s in stored):
+        lengths = [s["text"].shape[0] for s in stored]
+        features = np.zeros((len(stored), max(lengths), stored[0]["text"].shape[1]), np.float32)
+        for i, s in enumerate(stored):
+            features[i, : lengths[i]] = s["text"]
+        out["text_features"] = torch.from_numpy(features)
+        out["text_lengths"] = torch.tensor(lengths, dtype=torch.long)
+    return out
 
 
 def _to_unit_range(images: list[torch.Tensor]) -> torch.Tensor:
@@ -234,6 +281,7 @@ def collate_edits(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "instruction": [e["instruction"] for e in examples],
         "kind": [e["kind"] for e in examples],
         "key": [e["key"] for e in examples],
+        **_collate_precomputed(examples),
     }
 
 

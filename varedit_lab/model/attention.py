@@ -253,8 +253,10 @@ class _BlockwiseFlashCPU(torch.autograd.Function):
         k_extras, v_extras, lses = tuple(rest[:ne]), tuple(rest[ne : 2 * ne]), rest[2 * ne :]
         dq = torch.empty_like(q)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        dk_extras = [torch.zeros_like(t) for t in k_extras]
-        dv_extras = [torch.zeros_like(t) for t in v_extras]
+        # Extra blocks are usually seen by one query block: their gradient is then a view of that
+        # block's key gradient (no zero buffer, no add).
+        dk_extras: list[torch.Tensor | None] = [None] * ne
+        dv_extras: list[torch.Tensor | None] = [None] * ne
         for call, lse in zip(ctx.calls, lses):
             rows = slice(call.q0, call.q1)
             kb, vb = _gather(call.pieces, k, k_extras), _gather(call.pieces, v, v_extras)
@@ -265,8 +267,14 @@ class _BlockwiseFlashCPU(torch.autograd.Function):
             pos = 0
             for j, a, b in call.pieces:
                 n = b - a if j < 0 else k_extras[j].shape[2]
-                (dk[:, :, a:b] if j < 0 else dk_extras[j]).add_(gk[:, :, pos : pos + n])
-                (dv[:, :, a:b] if j < 0 else dv_extras[j]).add_(gv[:, :, pos : pos + n])
+                gk_piece, gv_piece = gk[:, :, pos : pos + n], gv[:, :, pos : pos + n]
+                if j < 0:
+                    dk[:, :, a:b].add_(gk_piece)
+                    dv[:, :, a:b].add_(gv_piece)
+                elif dk_extras[j] is None:
+                    dk_extras[j], dv_extras[j] = gk_piece, gv_piece
+                else:
+                    dk_extras[j], dv_extras[j] = dk_extras[j] + gk_piece, dv_extras[j] + gv_piece
                 pos += n
         return None, None, dq, dk, dv, *dk_extras, *dv_extras
 
@@ -294,8 +302,11 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
         calls, kept = _resolve_aliases(calls, tuple(_store_rows(ke, ve, k_store, v_store) for ke, ve in pairs))
         pairs = [pairs[j] for j in kept]
     k_extras, v_extras = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_store, v_store, *k_extras, *v_extras))
-    if needs_grad and q.device.type == "cpu":
+    tensors = (q, k_store, v_store, *k_extras, *v_extras)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    # The hand-written backward calls the CPU kernels directly (no autocast, one dtype); anything
+    # else takes the generic path, whose SDPA calls autograd and autocast handle.
+    if needs_grad and q.device.type == "cpu" and all(t.dtype == q.dtype for t in tensors):
         return _BlockwiseFlashCPU.apply(calls, len(k_extras), q, k_store, v_store, *k_extras, *v_extras)
     if len(calls) == 1:
         call = calls[0]

@@ -73,7 +73,11 @@ class _NormalizeScaleRotate(torch.autograd.Function):
 
 
 def normalize_scale_rotate(x: torch.Tensor, scale: torch.Tensor | None, cis: torch.Tensor) -> torch.Tensor:
-    """``rotate(F.normalize(x, dim=-1, eps=1e-12) * scale, cis)``, bit-identical in the forward."""
+    """``rotate(F.normalize(x, dim=-1, eps=1e-12) * scale, cis)``, bit-identical in the forward.
+
+    Computed in float32 whatever the input dtype (the release keeps q and k in fp32 after the
+    normalisation and RoPE, also under bf16 autocast)."""
+    x = x.float()
     if torch.is_grad_enabled() and (x.requires_grad or (scale is not None and scale.requires_grad)):
         return _NormalizeScaleRotate.apply(x, scale, cis)
     return _normalize_scale_rotate(x, scale, cis)[0]
@@ -250,7 +254,7 @@ class CrossAttnBlock(nn.Module):
             x = x[:, skip:]
             if x.shape[1] == 0:
                 return x
-        x = x + drop_path(attn.mul_(c.gamma1), keep)
+        x = x + drop_path(attn * c.gamma1, keep)  # out of place: compiled blocks save attn for backward
         x = x + self.ca(self.ca_norm(x), text, text_mask, c.text_kv)
         x = x + drop_path(self.ffn(self._modulate(x, c.scale2, c.shift2)).mul(c.gamma2), keep)
         return x

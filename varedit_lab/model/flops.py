@@ -12,6 +12,7 @@ step is 3 x the forward (backward = 2 x forward).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from conditioning.base import SequenceLayout
@@ -41,12 +42,13 @@ class FlopCount:
         return {**asdict(self), "total": self.total}
 
 
-def visible_pairs(layout: SequenceLayout, layer: int, query_from: int = 0) -> int:
-    """(query, key) pairs attended in ``layer`` by queries at sequence index >= ``query_from``."""
+def visible_pairs(layout: SequenceLayout, layer: int, query_from: int = 0, num_blocks: int | None = None) -> int:
+    """(query, key) pairs attended in ``layer`` by queries at sequence index >= ``query_from`` of
+    the first ``num_blocks`` blocks (default: all)."""
     vis = layout.visibility(layer)
     key_sizes = layout.key_block_sizes(vis)
     pairs = 0
-    for qb in range(layout.num_blocks):
+    for qb in range(layout.num_blocks if num_blocks is None else num_blocks):
         s, e = layout.block_range(qb)
         n_q = max(0, e - max(s, query_from))
         if n_q:
@@ -55,18 +57,9 @@ def visible_pairs(layout: SequenceLayout, layer: int, query_from: int = 0) -> in
     return pairs
 
 
-def forward_flops(cfg: TransformerConfig, layout: SequenceLayout, text_len: int) -> FlopCount:
-    """Useful FLOPs of one teacher-forced forward of one sample with ``text_len`` text tokens.
-
-    Cached inference does the same useful work (every query sees the same keys, each token is
-    processed once), so an edit with CFG costs ``forward_flops(...) x 2`` (two branches).
-    """
-    c, ct5, hid, v = cfg.width, cfg.text_channels, cfg.mlp_hidden, 2 * cfg.token_channels
-    n_all, n_src = layout.length, layout.num_source_tokens
-    n_tgt = n_all - n_src
-    last = cfg.depth - 1
-
-    text = (
+def _text_macs(cfg: TransformerConfig, text_len: int) -> int:
+    c, ct5 = cfg.width, cfg.text_channels
+    return (
         text_len * ct5 * 2 * c  # pool keys/values
         + cfg.text_pool_heads * text_len * (c // cfg.text_pool_heads) * 2  # pool attention (1 query/head)
         + c * c  # pool output projection
@@ -74,19 +67,34 @@ def forward_flops(cfg: TransformerConfig, layout: SequenceLayout, text_len: int)
         + c * 6 * c  # shared AdaLN
         + c * 2 * c  # head AdaLN
     )
-    embed = (n_all - 1) * cfg.token_channels * c  # the SOS row is the pooled text, not an embedding
 
+
+def _prefix_flops(cfg: TransformerConfig, layout: SequenceLayout, text_len: int, num_blocks: int, head_rows: int) -> FlopCount:
+    """The teacher-forced forward of the first ``num_blocks`` blocks, with logits for ``head_rows``."""
+    c, hid, v = cfg.width, cfg.mlp_hidden, 2 * cfg.token_channels
+    n_all, n_src = layout.block_range(num_blocks - 1)[1], layout.num_source_tokens
+    n_tgt = n_all - n_src
+    last = cfg.depth - 1
+    embed = (n_all - 1) * cfg.token_channels * c  # the SOS row is the pooled text, not an embedding
     attn_proj = cross = ffn = pairs = 0
     for layer in range(cfg.depth):
         n_q = n_tgt if layer == last else n_all  # last layer: source rows only give keys/values
-        kv_only = n_all - n_q
-        attn_proj += n_q * 4 * c * c + kv_only * 2 * c * c
-        pairs += visible_pairs(layout, layer, query_from=n_src if layer == last else 0)
+        attn_proj += n_q * 4 * c * c + (n_all - n_q) * 2 * c * c
+        pairs += visible_pairs(layout, layer, query_from=n_src if layer == last else 0, num_blocks=num_blocks)
         cross += n_q * 2 * c * c + text_len * 2 * c * c + 2 * n_q * text_len * c
         ffn += n_q * 2 * c * hid
-    head = n_tgt * c * v
-    macs = FlopCount(text, embed, attn_proj, 2 * pairs * c, cross, ffn, head)
-    return macs.scaled(2.0)
+    return FlopCount(0, embed, attn_proj, 2 * pairs * c, cross, ffn, head_rows * c * v).scaled(2.0)
+
+
+def forward_flops(cfg: TransformerConfig, layout: SequenceLayout, text_len: int) -> FlopCount:
+    """Useful FLOPs of one teacher-forced forward of one sample with ``text_len`` text tokens.
+
+    Cached inference does the same useful work (every query sees the same keys, each token is
+    processed once), so an edit with CFG costs ``forward_flops(...) x 2`` (two branches).
+    """
+    n_tgt = layout.length - layout.num_source_tokens
+    body = _prefix_flops(cfg, layout, text_len, layout.num_blocks, n_tgt)
+    return dataclasses.replace(body, text=2.0 * _text_macs(cfg, text_len))
 
 
 def train_step_flops(cfg: TransformerConfig, layout: SequenceLayout, text_len: int, batch: int) -> float:
@@ -97,3 +105,12 @@ def train_step_flops(cfg: TransformerConfig, layout: SequenceLayout, text_len: i
 def edit_flops(cfg: TransformerConfig, layout: SequenceLayout, text_len: int, guided: bool = True) -> float:
     """One cached edit of one image (both CFG branches when ``guided``)."""
     return (2 if guided else 1) * forward_flops(cfg, layout, text_len).total
+
+
+def recompute_edit_flops(cfg: TransformerConfig, layout: SequenceLayout, text_len: int, guided: bool = True) -> float:
+    """One edit without a KV cache: every scale s runs the teacher-forced forward of the prefix
+    (source blocks and target scales <= s) and reads the logits of scale s."""
+    total = 2.0 * _text_macs(cfg, text_len)
+    for s, n in enumerate(layout.schedule.sizes):
+        total += _prefix_flops(cfg, layout, text_len, layout.num_source_blocks + s + 1, n).total
+    return (2 if guided else 1) * total

@@ -257,8 +257,8 @@ class VAREditTransformer(nn.Module):
         The source is prefilled once for both CFG branches (each with its own text, so their cached
         source keys differ); CFG drops the text only. Works for any batch size. ``forced_bits``
         feeds given bits instead of sampled ones (teacher-forced cached inference).
-        ``use_cache=False`` is the no-KV-cache baseline: every scale re-runs the whole prefix
-        (source and target scales so far) through all layers; same result, far more work.
+        ``use_cache=False`` is the no-KV-cache baseline: every scale re-runs the teacher-forced
+        forward of the whole prefix (source and target scales so far); same result, far more work.
         """
         layout, schedule = plan.layout, plan.layout.schedule
         k = schedule.num_scales
@@ -295,8 +295,11 @@ class VAREditTransformer(nn.Module):
             if use_cache:
                 hidden = self.run_blocks(x, layout, tctx, (block, block + 1), cache=cache)
             else:
+                # The teacher-forced forward of the prefix (all of its target rows), as a model
+                # without a KV cache runs it; the logits of scale s are its last rows.
                 prefix.append(x)
-                hidden = self.run_blocks(torch.cat(prefix, dim=1), layout, tctx, (0, block + 1), outputs_from=start)
+                n_src = layout.num_source_tokens
+                hidden = self.run_blocks(torch.cat(prefix, dim=1), layout, tctx, (0, block + 1), outputs_from=n_src)[:, start - n_src :]
             logits = self.logits(hidden, tctx.cond, tctx.head) / taus[s]
             if guided:
                 logits = cfgs[s] * logits[:batch] + (1 - cfgs[s]) * logits[batch:]
