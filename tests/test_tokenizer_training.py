@@ -126,16 +126,16 @@ def test_tiny_training_lowers_the_loss_and_writes_a_loadable_tokenizer(tmp_path)
 
 
 def test_round_trip_of_bits_through_decode_and_encode() -> None:
-    """bits -> decode -> encode is the identity for most bits of a (lightly) trained tokenizer; the
-    metric itself must see a difference when the decoder is broken."""
+    """bits -> decode -> encode gives bits of the same layout, and they depend on the decoder: a
+    broken (constant) decoder makes every sample's round trip identical. How much of a trained
+    tokenizer's code comes back is measured in validation (``val/roundtrip_bit_acc[_scaleK]``)."""
     torch.manual_seed(0)
     vae = BSQTokenizer.from_config(load_config(overrides=TINY_OVERRIDES).tokenizer).eval()
     schedule = ScaleSchedule.from_scales([1, 2, 4])
     x = synthetic_images(4)
     bits = vae.encode_target(x, schedule).bits
     again = vae.encode_target(vae.decode(bits, schedule), schedule).bits
-    agree = sum(int((a == b).sum()) for a, b in zip(bits, again)) / sum(b.numel() for b in bits)
-    assert 0.0 <= agree <= 1.0
+    assert [a.shape for a in again] == [b.shape for b in bits]
     torch.nn.init.zeros_(vae.decoder.conv_out.conv.weight)
     torch.nn.init.zeros_(vae.decoder.conv_out.conv.bias)
     flat = vae.decode(bits, schedule)
@@ -169,6 +169,6 @@ def test_train_command_path_on_real_shards(synthetic_shards, tmp_path) -> None:
     run = train(cfg, path)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 4
-    assert {"val/psnr", "val/loss", "val/roundtrip_bit_acc", "time/train_minutes"} <= set(summary["metrics"])
+    assert {"val/psnr", "val/loss", "val/roundtrip_bit_acc", "val/roundtrip_bit_acc_scale4", "time/train_minutes"} <= set(summary["metrics"])
     tok = load_tokenizer(run / CHECKPOINT_NAME)
     assert tok.codebook_dim == 16 and tok.encode_latent(torch.zeros(1, 3, 64, 64)).shape == (1, 16, 8, 8)

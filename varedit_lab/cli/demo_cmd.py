@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--mode", choices=["full", "quick"], default="full", help="full: 3 strategies x 3 seeds; quick: 1 seed, fewer steps")
     parser.add_argument("--root", default="runs/demo", help="where the sweep, report and probes go (default runs/demo)")
-    parser.add_argument("--parallel", type=int, default=1, help="sweep runs at once (each gets cpu_count // parallel threads)")
+    parallel = min(2, os.cpu_count() or 1)  # two 1-thread runs beat one 2-thread run on small models
+    parser.add_argument("--parallel", type=int, default=parallel, help=f"sweep runs at once, each with cpu_count // parallel threads (default {parallel})")
     parser.set_defaults(func=run)
 
 

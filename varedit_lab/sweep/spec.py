@@ -129,7 +129,7 @@ def parse_sweep(
         name=safe_name(str(raw.get("name") or default_name)),
         method=raw["method"],
         parameters=dict(raw["parameters"]),
-        command=[str(t) for t in raw["command"]],
+        command=_anchor_experiment([str(t) for t in raw["command"]], path),
         raw=raw,
         path=path.resolve() if path is not None else None,
         program=raw.get("program"),
@@ -137,6 +137,23 @@ def parse_sweep(
         run_cap=raw.get("run_cap"),
         project=raw.get("project"),
     )
+
+
+def _anchor_experiment(command: list[str], path: Path | None) -> list[str]:
+    """Make a relative experiment YAML absolute when it is found next to the sweep file's folders.
+
+    Sweep files name the experiment relative to the repository root (where ``wandb agent`` runs);
+    locally the sweep may be launched from anywhere, so the path is looked up from the sweep
+    file's folder upwards when it does not exist from the working directory.
+    """
+    experiment = experiment_of(command, None)
+    if experiment is None or path is None or Path(experiment).is_absolute() or Path(experiment).is_file():
+        return command
+    for folder in Path(path).resolve().parents:
+        if (folder / experiment).is_file():
+            index = command.index(experiment)
+            return [*command[:index], str(folder / experiment), *command[index + 1 :]]
+    return command
 
 
 # -- validation ----------------------------------------------------------------------------------

@@ -175,6 +175,9 @@ class TokenizerModule(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.roundtrip = SumMetric()  # bits -> decode -> encode: bits that come back unchanged
         self.roundtrip_total = SumMetric()
+        # Per scale: coarse scales carry large residuals and should come back; the finest ones
+        # carry small residuals whose signs a lossy decoder flips first.
+        self.roundtrip_per_scale = torch.nn.ModuleList(MeanMetric() for _ in range(self.schedule.num_scales))
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [TrainClock()]
@@ -225,6 +228,8 @@ class TokenizerModule(pl.LightningModule):
         self.val_loss.update(self.weights.l1 * (recon - images).abs().mean() + self.weights.l2 * (recon - images).pow(2).mean(), images.shape[0])
         again = self.vae.encode_target(self._prepare(recon), self.schedule)
         same = sum(int((a == b).sum()) for a, b in zip(tokens.bits, again.bits))
+        for metric, a, b in zip(self.roundtrip_per_scale, tokens.bits, again.bits):
+            metric.update((a == b).float().mean(), a.numel())
         self.roundtrip.update(torch.tensor(float(same)))
         self.roundtrip_total.update(torch.tensor(float(sum(b.numel() for b in tokens.bits))))
 
@@ -234,7 +239,9 @@ class TokenizerModule(pl.LightningModule):
         self.log("val/psnr", self.val_psnr.compute(), prog_bar=True)
         self.log("val/loss", self.val_loss.compute())
         self.log("val/roundtrip_bit_acc", self.roundtrip.compute() / self.roundtrip_total.compute())
-        for metric in (self.val_psnr, self.val_loss, self.roundtrip, self.roundtrip_total):
+        for k, metric in enumerate(self.roundtrip_per_scale):
+            self.log(f"val/roundtrip_bit_acc_scale{k}", metric.compute())
+        for metric in (self.val_psnr, self.val_loss, self.roundtrip, self.roundtrip_total, *self.roundtrip_per_scale):
             metric.reset()
 
     # ---------------------------------------------------------------------------------------------
