@@ -507,3 +507,6 @@ def test_real_train_sweep_of_three_tiny_runs(tmp_path, synthetic_shards, capsys)
     # the full-scale prefix holds every source scale: a longer sequence than max-scale/SAR
     assert float(rows["full_scale"]["perf/seq_len"]) > float(rows["sar"]["perf/seq_len"]) == float(rows["max_scale"]["perf/seq_len"])
     assert list((sweep_dir / "wandb").glob("offline-run-*"))  # the report's W&B run
+    report = (sweep_dir / "report.md").read_text()
+    copy_row = next(line for line in report.splitlines() if line.startswith("| *copy source* | 3 |"))
+    assert float(copy_row.split("|")[3]) == pytest.approx(float(rows["sar"]["val/copy_success"]), abs=1e-3)

@@ -82,7 +82,7 @@ def ensure_tokenizer(paths: DemoPaths, plan: DemoPlan, out: TextIO) -> Path:
 
     _say(out, f"tokenizer: training {plan.tokenizer_steps} steps")
     config = experiments_dir() / "tokenizer" / "synthetic64.yaml"
-    cfg = load_config(config, [f"trainer.max_steps={plan.tokenizer_steps}", f"output_dir={paths.tokenizer_run.parent}",
+    cfg = load_config(config, [f"trainer.max_steps={plan.tokenizer_steps}", "trainer.progress_bar=false", f"output_dir={paths.tokenizer_run.parent}",
                                f"name={paths.tokenizer_run.name}", f"data.train_shards={paths.data}/train-*.tar",
                                f"data.val_shards={paths.data}/val-*.tar"])
     train(cfg, config)

@@ -248,12 +248,15 @@ def render_markdown(
         failed = sum(1 for r in g.runs if r.status == "failed")
         cells = [g.stat(k).format(d) for k, _, d in headline]
         rows.append([g.label, f"{len(g.completed)}" + (f" (+{failed} failed)" if failed else ""), *cells])
-    lines += _table([group_title, "runs", *(label for _, label, _ in headline)], rows)
+    baseline = _baseline_row(results, headline)
+    lines += _table([group_title, "runs", *(label for _, label, _ in headline)], rows + ([baseline] if baseline else []))
     lines += [
         "",
         "95 % CI: mean ± t(0.975, n−1)·s/√n over the group's completed runs (one per seed); "
         "a cell with (n=1) has no interval. Runs missing a metric are left out of that cell.",
     ]
+    if baseline:
+        lines += ["*copy source*: the unedited source through the tokenizer, scored like the edits (the bar to beat on success)."]
     lines += _scale_section(groups, results)
     lines += _paired_section(groups, keys, metric or "val/balance")
     lines += _best_section(groups, metric, goal)
@@ -261,6 +264,19 @@ def render_markdown(
         lines += ["", "## Plots", ""] + [f"![{name}]({path.name})" for name, path in images.items()]
     lines += _runs_section(results, metric)
     return "\n".join(lines) + "\n"
+
+
+def _baseline_row(results: list[RunResult], headline: list[tuple[str, str, int]]) -> list[str] | None:
+    """The copy-the-source baseline (``val/copy_*``) as a table row, averaged over the runs that logged it."""
+    done = [r for r in results if r.status == "completed" and "val/copy_success" in r.metrics]
+    if not done:
+        return None
+    cells = []
+    for key, _, decimals in headline:
+        copy_key = key.replace("val/", "val/copy_", 1) if key.startswith("val/") else None
+        values = [r.metrics[copy_key] for r in done if copy_key and copy_key in r.metrics]
+        cells.append(f"{sum(values) / len(values):.{decimals}f}" if values else "")
+    return ["*copy source*", str(len(done)), *cells]
 
 
 def _scale_section(groups: list[Group], results: list[RunResult]) -> list[str]:
