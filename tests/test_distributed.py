@@ -170,8 +170,7 @@ def test_fsdp2_sharded_checkpoint_resume_and_export(reference, synthetic_shards,
     assert trunk.global_step == 6 and max_diff(trunk.state_dict, weights(tmp_path / "final.pt")) == 0
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("VAREDIT_TEST_COMPILE") != "1", reason="torch.compile on CPU takes minutes; set VAREDIT_TEST_COMPILE=1")
+@pytest.mark.slow  # ~30 s: inductor compiles the blocks on CPU
 def test_compiled_blocks_train_with_bf16_accumulation_and_checkpointing(shards, tmp_path):
     run_worker(tmp_path, *shards, *FIXED, "trainer.max_steps=2", "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
                "model.activation_checkpointing=true", "model.compile_blocks=true", "model.attention=masked")
