@@ -9,7 +9,6 @@ inside/outside the ground-truth mask against a copy-the-source baseline.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,10 @@ from varedit_lab.model.build import build_transformer
 from varedit_lab.model.compat import load_released
 from varedit_lab.model.layout import ScaleSchedule
 from varedit_lab.model.loss import bitwise_loss
-from varedit_lab.model.quant import teacher_inputs_from_bits
 from varedit_lab.model.transformer import TextFeatures
+from varedit_lab.optim import adamw_with_schedule
 from varedit_lab.text import TextEncoder
+from varedit_lab.tokenizer.precompute import stored_targets
 
 FROZEN_PREFIXES = ("tokenizer.", "text_encoder.")
 # Infinity's no-weight-decay parameters (besides biases and other 1-D tensors).
@@ -54,16 +54,6 @@ def build_tokenizer(cfg: DictConfig):
     if cfg.tokenizer.checkpoint:
         return load_tokenizer(cfg.tokenizer.checkpoint, cfg.tokenizer)
     return BSQTokenizer.from_config(cfg.tokenizer)
-
-
-def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Linear warm-up, then constant (as the release trains) or cosine down to ``min_ratio``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class EditorModule(pl.LightningModule):
@@ -150,10 +140,7 @@ class EditorModule(pl.LightningModule):
                 f"{packed.shape[2] * 8} bits; this run needs {d} channels and {self.schedule.total} tokens of {channels} bits "
                 f"(model.scales={list(self.cfg.model.scales)}): precompute again with this config"
             )
-        shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)
-        bits = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :channels]  # np.packbits is MSB first
-        per_scale = list(torch.split(bits, list(self.schedule.sizes), dim=1))
-        teacher = teacher_inputs_from_bits(per_scale, self.schedule, self.patchify, d)
+        per_scale, teacher = stored_targets(packed, self.schedule, self.patchify, d)
         if "text_features" in batch:
             if batch["text_features"].shape[-1] != self.text_encoder.width:
                 raise ValueError(f"precomputed text features are {batch['text_features'].shape[-1]} wide; the text encoder is {self.text_encoder.width}")
@@ -227,17 +214,7 @@ class EditorModule(pl.LightningModule):
             if not param.requires_grad:
                 continue
             (no_decay if param.ndim < 2 or any(k in name for k in NO_DECAY_KEYS) else decay).append(param)
-        opt_cfg = self.cfg.optim
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": opt_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=opt_cfg.lr,
-            betas=tuple(opt_cfg.betas),
-        )
-        total = self.cfg.trainer.max_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, opt_cfg.warmup_steps, total, opt_cfg.schedule, opt_cfg.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_schedule(decay, no_decay, self.cfg.optim, self.cfg.trainer.max_steps)
 
     # ---------------------------------------------------------------------------------------------
     # validation

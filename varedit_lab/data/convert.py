@@ -218,13 +218,11 @@ def convert_to_shards(
     """Write the records of ``input_path`` to ``{out_dir}/{split}-NNNNNN.tar``; skip (or raise on) bad ones."""
     import webdataset as wds
 
+    from varedit_lab.data.shards import clear_splits
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stale = sorted(out.glob(f"{split}-*.tar"))
-    if stale and not overwrite:
-        raise FileExistsError(f"{out} already holds {len(stale)} '{split}' shards; pass overwrite=True (--overwrite)")
-    for path in stale:
-        path.unlink()
+    clear_splits(out, [split], overwrite)
     skipped: Counter[str] = Counter()
     first: dict[str, str] = {}
     names: list[str] = []

@@ -213,7 +213,7 @@ class DecodeEditSample:
         if mask is not None:
             binary = np.asarray(resize_cover_crop(mask, size, Image.NEAREST)) >= 128
             example["mask"] = torch.from_numpy(binary[None].astype(np.uint8))
-        stored = {name: _load_array(sample[field], key, field, url) for field, name in PRECOMPUTED.items() if field in sample}
+        stored = {name: load_array(sample[field], key, field, url) for field, name in PRECOMPUTED.items() if field in sample}
         if stored:
             example["precomputed"] = stored
         if self.tracker is not None:
@@ -221,7 +221,8 @@ class DecodeEditSample:
         return example
 
 
-def _load_array(value: Any, key: str, field: str, url: str) -> np.ndarray:
+def load_array(value: Any, key: str, field: str, url: str = "") -> np.ndarray:
+    """A stored ``.npy`` field (raw bytes, or already decoded) as an array; a bad one is a bad sample."""
     if isinstance(value, np.ndarray):
         return value
     try:

@@ -85,6 +85,18 @@ class RankSplitter:
         yield from islice(src, self.rank, None, self.world_size)
 
 
+def clear_splits(out_dir: Path, splits: Iterable[str], overwrite: bool) -> None:
+    """Make room for new ``{split}-*.tar`` shards in ``out_dir``: refuse (before deleting anything)
+    when any split already has shards, unless ``overwrite``."""
+    stale = {split: sorted(Path(out_dir).glob(f"{split}-*.tar")) for split in splits}
+    for split, paths in stale.items():
+        if paths and not overwrite:
+            raise FileExistsError(f"{out_dir} already holds {len(paths)} '{split}' shards; pass overwrite=True (--overwrite)")
+    for paths in stale.values():
+        for path in paths:
+            path.unlink()
+
+
 def _worker() -> tuple[int, int, Optional[int]]:
     info = torch.utils.data.get_worker_info()
     return (0, 1, None) if info is None else (info.id, info.num_workers, info.seed)

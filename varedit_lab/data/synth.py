@@ -414,6 +414,8 @@ def write_synthetic_shards(
     """
     import webdataset as wds  # heavy-ish; only needed for writing
 
+    from varedit_lab.data.shards import clear_splits
+
     counts = dict(counts or {"train": 1024, "val": 64, "test": 256})
     unknown = set(counts) - set(SPLITS)
     if unknown:
@@ -421,12 +423,7 @@ def write_synthetic_shards(
     generator = SyntheticEditGenerator(image_size=image_size, seed=seed, kinds=kinds)  # validates first
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for split in counts:
-        stale = sorted(out.glob(f"{split}-*.tar"))
-        if stale and not overwrite:
-            raise FileExistsError(f"{out} already holds {len(stale)} '{split}' shards; pass overwrite=True (--overwrite)")
-        for path in stale:
-            path.unlink()
+    clear_splits(out, counts, overwrite)
     shards: dict[str, list[str]] = {}
     kinds_seen: dict[str, Counter[str]] = {}
     start = time.perf_counter()

@@ -21,7 +21,7 @@ on the ModelOutput (ecosystem.md section 6.1) and it rejects local paths.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,17 @@ def projected(output: Any) -> torch.Tensor:
     if pooled is None:
         raise TypeError(f"cannot find the projected embedding in {type(output).__name__}")
     return pooled
+
+
+def embed_in_batches(images: Sequence[Image.Image], processor: Any, device: Any,
+                     features: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(N, D) unit vectors on the CPU: ``features(pixel_values)`` over batches of ``EMBED_BATCH`` RGB images."""
+    out = []
+    for start in range(0, len(images), EMBED_BATCH):
+        chunk = [im.convert("RGB") for im in images[start : start + EMBED_BATCH]]
+        pixels = processor(images=chunk, return_tensors="pt")["pixel_values"].to(device)
+        out.append(F.normalize(features(pixels).float(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.empty(0)
 
 
 def _check_folder(path: str | Path, what: str) -> Path:
@@ -69,12 +80,7 @@ class ClipScorer:
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) unit vectors on the CPU."""
-        out = []
-        for start in range(0, len(images), EMBED_BATCH):
-            chunk = [im.convert("RGB") for im in images[start : start + EMBED_BATCH]]
-            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
-            out.append(F.normalize(projected(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.empty(0)
+        return embed_in_batches(images, self.processor, self.device, lambda pixels: projected(self.model.get_image_features(pixel_values=pixels)))
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -111,13 +117,7 @@ class DinoScorer:
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(images), EMBED_BATCH):
-            chunk = [im.convert("RGB") for im in images[start : start + EMBED_BATCH]]
-            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
-            cls_token = self.model(pixel_values=pixels).last_hidden_state[:, 0]
-            out.append(F.normalize(cls_token.float(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.empty(0)
+        return embed_in_batches(images, self.processor, self.device, lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0])
 
 
 # -------------------------------------------------------------------------------------------------

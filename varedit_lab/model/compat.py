@@ -100,24 +100,29 @@ def load_state_dict_strict(model: VAREditTransformer, state_dict: Mapping[str, t
     for key in _NONBLOCK_ZERO_BUFFERS:
         sd.pop(key, None)
     fit_cfg_uncond(sd, model)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(sd) & set(expected)
-        if sd[k].shape != expected[k].shape
-    )
-    if missing or unexpected or shapes:
-        lines = []
-        if missing:
-            lines.append(f"missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            lines.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-        if shapes:
-            lines.append(f"shape mismatches ({len(shapes)}): {shapes}")
-        raise CheckpointError("state dict does not match the model:\n  " + "\n  ".join(lines))
+    problems = state_dict_mismatches(sd, model.state_dict())
+    if problems:
+        raise CheckpointError("state dict does not match the model:\n  " + "\n  ".join(problems))
     model.load_state_dict(sd, strict=True)
+
+
+def state_dict_mismatches(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """One line each for the missing keys, the unexpected keys and the shape mismatches (empty if none)."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state_dict) & set(expected)
+        if state_dict[k].shape != expected[k].shape
+    )
+    lines = []
+    if missing:
+        lines.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        lines.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if shapes:
+        lines.append(f"shape mismatches ({len(shapes)}): {shapes}")
+    return lines
 
 
 def load_released(model: VAREditTransformer, path: str | Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
+from varedit_lab.model.compat import state_dict_mismatches
 from varedit_lab.tokenizer.vae import BSQTokenizer, VAEArch
 
 FORMAT = "varedit-lab-tokenizer"
@@ -69,22 +70,9 @@ def load_vae_state_dict(model: BSQTokenizer, state_dict: Mapping[str, torch.Tens
             sd[key] = expected[key]  # derived from codebook_dim; optional in the file
         elif sd[key].shape == expected[key].shape and not torch.equal(sd[key].to(expected[key].dtype), expected[key]):
             raise TokenizerLoadError(f"{key}: expected the bit weights 2^(d-1)..1 for d={model.codebook_dim}")
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(sd) & set(expected)
-        if sd[k].shape != expected[k].shape
-    )
-    if missing or unexpected or shapes:
-        lines = []
-        if missing:
-            lines.append(f"missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            lines.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-        if shapes:
-            lines.append(f"shape mismatches ({len(shapes)}): {shapes}")
-        raise TokenizerLoadError("VAE state dict does not match the tokenizer architecture:\n  " + "\n  ".join(lines))
+    problems = state_dict_mismatches(sd, expected)
+    if problems:
+        raise TokenizerLoadError("VAE state dict does not match the tokenizer architecture:\n  " + "\n  ".join(problems))
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
 
 

@@ -29,7 +29,6 @@ split, images in [-1, 1]), ``val/loss`` and the round-trip agreement ``bits -> d
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 from varedit_lab.config import to_dict
 from varedit_lab.model.layout import ScaleSchedule
+from varedit_lab.optim import adamw_with_schedule
 from varedit_lab.tokenizer.checkpoint import load_tokenizer, save_tokenizer
 from varedit_lab.tokenizer.losses import bsq_terms
 from varedit_lab.tokenizer.vae import BSQTokenizer, VAEArch
@@ -146,16 +146,6 @@ def images_of(batch: Any) -> torch.Tensor:
     raise TypeError(f"cannot take images from a {type(batch).__name__} batch")
 
 
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float, schedule: str) -> float:
-    """LR multiplier: linear warm-up, then constant or cosine down to ``min_ratio``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 class TokenizerModule(pl.LightningModule):
     """Trains a :class:`BSQTokenizer` from a run config (``task: tokenizer``)."""
 
@@ -200,19 +190,9 @@ class TokenizerModule(pl.LightningModule):
         return out.loss
 
     def configure_optimizers(self):
-        o = self.cfg.optim
         decay = [p for p in self.vae.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.vae.parameters() if p.ndim < 2]  # norms and biases
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr,
-            betas=tuple(o.betas),
-        )
-        total = self.cfg.trainer.max_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio, o.schedule)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_schedule(decay, no_decay, self.cfg.optim, self.cfg.trainer.max_steps)
 
     # ---------------------------------------------------------------------------------------------
     # validation: PSNR of held-out reconstructions, and the bits -> decode -> encode round trip

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from io import BytesIO
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -82,16 +81,12 @@ def precompute_shards(
     """Write ``{out_dir}/{split}-NNNNNN.tar`` with the original keys plus the precomputed arrays."""
     import webdataset as wds
 
-    from varedit_lab.data.shards import expand_shards
+    from varedit_lab.data.shards import clear_splits, expand_shards
 
     urls = expand_shards(shards)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stale = sorted(out.glob(f"{split}-*.tar"))
-    if stale and not overwrite:
-        raise FileExistsError(f"{out} already holds {len(stale)} '{split}' shards; pass overwrite=True (--overwrite)")
-    for path in stale:
-        path.unlink()
+    clear_splits(out, [split], overwrite)
     tokenizer = tokenizer.eval()
     written: list[str] = []
     count = 0
@@ -131,8 +126,14 @@ def precompute_shards(
     return written
 
 
-def _array(value: Any) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else np.load(BytesIO(value))
+def stored_targets(packed: torch.Tensor, schedule: ScaleSchedule, patchify: bool, codebook_dim: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Packed ``tgt_bits.npy`` rows (B, T, ceil(d'/8)) -> per-scale bit labels (B, n_s, d') and the
+    teacher-forcing inputs rebuilt from them."""
+    channels = codebook_dim * (4 if patchify else 1)
+    shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)
+    bits = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :channels]  # np.packbits is MSB first
+    per_scale = list(torch.split(bits, list(schedule.sizes), dim=1))
+    return per_scale, teacher_inputs_from_bits(per_scale, schedule, patchify, codebook_dim)
 
 
 def decode_precomputed(sample: dict[str, Any], schedule: ScaleSchedule, tokenizer_arch: Any) -> dict[str, torch.Tensor]:
@@ -141,23 +142,22 @@ def decode_precomputed(sample: dict[str, Any], schedule: ScaleSchedule, tokenize
     Returns ``source_tokens`` (1, S, d'), ``source_latent`` (1, d, H', W'), ``target_bits`` (list of
     (1, n_s, d')), ``teacher_inputs`` (1, T - n_0, d') and, when stored, ``text`` (L, C).
     """
+    from varedit_lab.data.samples import load_array
     from varedit_lab.model.layout import latent_to_tokens
 
+    key = str(sample.get("__key__", "?"))
     patchify = bool(tokenizer_arch.apply_spatial_patchify)
-    d = int(tokenizer_arch.codebook_dim)
-    channels = d * (4 if patchify else 1)
-    latent = torch.from_numpy(_array(sample["src_latent.npy"]).astype(np.float32))[None]
-    flat = np.unpackbits(_array(sample["tgt_bits.npy"]), axis=-1)[:, :channels]
-    if flat.shape[0] != schedule.total:
-        raise ValueError(f"{sample.get('__key__', '?')}: {flat.shape[0]} stored tokens, the schedule has {schedule.total}")
-    bits = torch.from_numpy(flat)[None]
-    per_scale = list(torch.split(bits, list(schedule.sizes), dim=1))
+    latent = torch.from_numpy(load_array(sample["src_latent.npy"], key, "src_latent.npy").astype(np.float32))[None]
+    packed = torch.from_numpy(load_array(sample["tgt_bits.npy"], key, "tgt_bits.npy"))[None]
+    if packed.shape[1] != schedule.total:
+        raise ValueError(f"{key}: {packed.shape[1]} stored tokens, the schedule has {schedule.total}")
+    per_scale, teacher = stored_targets(packed, schedule, patchify, int(tokenizer_arch.codebook_dim))
     out = {
         "source_latent": latent,
         "source_tokens": latent_to_tokens(latent, schedule.vae_grids(patchify)[-1], patchify),
         "target_bits": per_scale,
-        "teacher_inputs": teacher_inputs_from_bits(per_scale, schedule, patchify, d),
+        "teacher_inputs": teacher,
     }
     if "txt_emb.npy" in sample:
-        out["text"] = torch.from_numpy(_array(sample["txt_emb.npy"]).astype(np.float32))
+        out["text"] = torch.from_numpy(load_array(sample["txt_emb.npy"], key, "txt_emb.npy").astype(np.float32))
     return out
