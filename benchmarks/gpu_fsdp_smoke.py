@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     module, datamodule = training.build_task(cfg)
     directory = training.run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
-    callbacks, _ = training.build_callbacks(cfg, directory, {})
+    callbacks = training.build_callbacks(cfg, directory, {})[0]
     monitor = PerfMonitor()
     trainer = training.build_trainer(cfg, directory, callbacks + [monitor], training.build_loggers(cfg, directory, "gpu_fsdp_smoke"))
     started = time.perf_counter()

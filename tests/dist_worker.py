@@ -143,8 +143,8 @@ def main(argv: list[str]) -> None:
     build_callbacks, build_task = training.build_callbacks, training.build_task
 
     def callbacks_with_recorder(*a: Any, **k: Any):
-        callbacks, timer = build_callbacks(*a, **k)
-        return callbacks + [recorder], timer
+        callbacks, timer, summary = build_callbacks(*a, **k)
+        return callbacks + [recorder], timer, summary
 
     def task_with_fixed_data(run_cfg: Any):
         module, datamodule = build_task(run_cfg)

@@ -182,19 +182,23 @@ def _released_dir_from_fixture(fixture: dict, root: Path) -> Path:
     return root
 
 
+def fixture_shape_overrides(fixture: dict) -> list[str]:
+    """The fixture is a tiny Infinity-2B: the preset's shape is overridden, everything else is the release's."""
+    t, vae = fixture["config"]["transformer"], fixture["config"]["vae"]
+    return [f"model.depth={t['depth']}", f"model.width={t['embed_dim']}", f"model.num_heads={t['num_heads']}",
+            f"model.text_channels={t['text_channels']}", f"model.text_maxlen={t['text_maxlen']}",
+            f"text.max_length={t['text_maxlen']}", f"tokenizer.base_ch={vae['base_ch']}",
+            f"tokenizer.encoder_ch_mult={vae['encoder_ch_mult']}", f"tokenizer.decoder_ch_mult={vae['decoder_ch_mult']}",
+            f"tokenizer.num_res_blocks={vae['num_res_blocks']}", f"tokenizer.norm_num_groups={vae['norm_num_groups']}"]
+
+
 def test_released_folder_builds_the_fixture_model(fixture_files: list[Path], tmp_path: Path):
     from varedit_lab.parity import load_fixture
 
     path = next(p for p in fixture_files if "sar_256_d32" in p.name)
     fixture = load_fixture(path)
-    t, vae = fixture["config"]["transformer"], fixture["config"]["vae"]
     root = _released_dir_from_fixture(fixture, tmp_path / "released")
-    # The fixture is a tiny Infinity-2B: the preset's shape is overridden, everything else is the release's.
-    overrides = [f"model.depth={t['depth']}", f"model.width={t['embed_dim']}", f"model.num_heads={t['num_heads']}",
-                 f"model.text_channels={t['text_channels']}", f"model.text_maxlen={t['text_maxlen']}",
-                 f"text.max_length={t['text_maxlen']}", f"tokenizer.base_ch={vae['base_ch']}",
-                 f"tokenizer.encoder_ch_mult={vae['encoder_ch_mult']}", f"tokenizer.decoder_ch_mult={vae['decoder_ch_mult']}",
-                 f"tokenizer.num_res_blocks={vae['num_res_blocks']}", f"tokenizer.norm_num_groups={vae['norm_num_groups']}"]
+    overrides = fixture_shape_overrides(fixture)
     released = Editor.from_released(root, overrides=overrides, device="cpu")
     reference = Editor.from_fixture(path, device="cpu")
     assert released.image_size == 256 and released.rope_layout == "reference_compat"

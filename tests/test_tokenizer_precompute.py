@@ -43,7 +43,9 @@ def test_precomputed_codes_match_the_tokenizer(synthetic_shards, tmp_path) -> No
         got = decode_precomputed(raw, schedule, arch)
         source = item["source"][None].float() / 127.5 - 1
         target = item["target"][None].float() / 127.5 - 1
-        assert torch.allclose(got["source_tokens"], vae.encode_source(source, schedule), atol=1e-6)
+        # Float32 convolutions of a batch of 5 and of 1 sample differ in rounding on some CPUs.
+        diff = (got["source_tokens"] - vae.encode_source(source, schedule)).abs().max()
+        assert diff < 1e-5, diff
         expected = vae.encode_target(target, schedule)
         assert all(torch.equal(a, b) for a, b in zip(got["target_bits"], expected.bits))
         assert torch.allclose(got["teacher_inputs"], expected.teacher_inputs, atol=1e-6)

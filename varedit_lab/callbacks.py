@@ -1,16 +1,17 @@
-"""Lightning callbacks of every training run: step timing, the run summary, data epoch seeding."""
+"""Lightning callbacks of every training run: step timing, the run summary, validation at the end."""
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from varedit_lab.runs import RunFolder
 
 
 class StepTimer(pl.Callback):
@@ -39,20 +40,38 @@ class StepTimer(pl.Callback):
 
 
 class RunSummary(pl.Callback):
-    """Writes ``summary.json`` in the run directory when fitting ends (rank 0 only).
+    """Writes ``summary.json`` in the run folder when fitting ends (rank 0 only).
 
-    ``{"status", "steps", "metrics": {final scalar metrics}, "strategy": {...}, "seq_len"}`` is the
-    contract the sweep runner and report read.
+    ``{"status", "steps", "metrics": {final scalar metrics}, "strategy": {...}, ...}`` is the contract
+    the sweep runner and report read. A resumed run keeps the earlier attempt's metrics unless it
+    logs them again, and a resume that trains no step (the run was already finished) rewrites nothing.
     """
 
-    def __init__(self, run_dir: str | Path, timer: StepTimer | None = None, extra: dict[str, Any] | None = None):
-        self.path = Path(run_dir) / "summary.json"
+    def __init__(self, folder: RunFolder, timer: StepTimer | None = None, extra: dict[str, Any] | None = None,
+                 resumed: bool = False):
+        self.folder = folder
         self.timer = timer
         self.extra = extra or {}
+        self.resumed = resumed
+        self.trained = False  # at least one optimisation step in this process
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.trained = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            write_summary(self.path, "completed", trainer, self.timer, self.extra)
+        if trainer.is_global_zero and (self.trained or not self.resumed):
+            self.write(trainer, "completed")
+
+    def write(self, trainer: pl.Trainer, status: str, error: str | None = None) -> None:
+        earlier = (self.folder.read_summary() or {}).get("metrics", {}) if self.resumed else {}
+        metrics = {**earlier, **self.extra.get("metrics", {}), **final_metrics(trainer, self.timer)}
+        summary: dict[str, Any] = {**self.extra, "status": status, "steps": int(trainer.global_step), "metrics": metrics}
+        data_report = getattr(trainer.datamodule, "report", None)
+        if callable(data_report):
+            summary["data"] = data_report()
+        if error:
+            summary["error"] = error
+        self.folder.write_summary(summary)
 
 
 def final_metrics(trainer: pl.Trainer, timer: StepTimer | None) -> dict[str, float]:
@@ -67,14 +86,27 @@ def final_metrics(trainer: pl.Trainer, timer: StepTimer | None) -> dict[str, flo
     return metrics
 
 
-def write_summary(
-    path: Path, status: str, trainer: pl.Trainer | None, timer: StepTimer | None, extra: dict[str, Any], error: str | None = None
-) -> None:
-    summary: dict[str, Any] = {"status": status, **extra}
-    if trainer is not None:
-        summary["steps"] = int(trainer.global_step)
-        summary["metrics"] = {**summary.get("metrics", {}), **final_metrics(trainer, timer)}
-    if error:
-        summary["error"] = error
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=float))
+class ValidateAtEnd(pl.Callback):
+    """Validate after the last step even when ``max_steps`` is not a multiple of the validation
+    interval: asking the trainer to stop at the last step makes Lightning run its validation loop
+    (and the best-checkpoint callback) before fitting ends."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` steps and after the final step, so that a finished
+    run's ``last.ckpt`` is the finished model (``edit``, ``probe``, ``resume=auto`` read it). Files are
+    overwritten in place, never versioned (``last-v1.ckpt``): one current ``last.ckpt`` per folder."""
+
+    def __init__(self, dirpath: Any, every_n_train_steps: int) -> None:
+        super().__init__(dirpath=dirpath, filename="step{step:06d}", auto_insert_metric_name=False, save_last=True,
+                         every_n_train_steps=every_n_train_steps, save_top_k=0, enable_version_counter=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        final = 0 < trainer.max_steps <= trainer.global_step
+        if final and trainer.global_step % max(1, self._every_n_train_steps) and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

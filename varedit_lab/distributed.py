@@ -44,6 +44,15 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from varedit_lab.checkpoint_io import (
+    SHARDED_METADATA_FILE,
+    SafeFileSystemReader,
+    check_sharded_checkpoint,
+    is_checkpoint,
+    is_sharded_checkpoint,
+    load_weights,
+)
+
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
@@ -111,20 +120,6 @@ def saves_sharded_checkpoints(strategy: Any) -> bool:
         return getattr(strategy, "_state_dict_type", "full") == "sharded"
     return False
 
-
-# Lightning writes this next to the DCP shards (rank 0, after the shards): trainer state, config.
-SHARDED_METADATA_FILE = "meta.pt"
-
-
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    """A complete DCP checkpoint directory (shards, DCP's ``.metadata`` and Lightning's ``meta.pt``)."""
-    path = Path(path)
-    return path.is_dir() and (path / ".metadata").is_file() and (path / SHARDED_METADATA_FILE).is_file()
-
-
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    """A Lightning checkpoint file (single process, DDP) or a complete sharded directory (FSDP)."""
-    return Path(path).is_file() or is_sharded_checkpoint(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,7 +283,7 @@ def _clean_key(key: str) -> str:
 
 
 def _trunk_from_file(path: Path) -> TrunkCheckpoint:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file: trusted
+    checkpoint = load_weights(path, "editor checkpoint")
     if "varedit_config" not in checkpoint:
         raise ValueError(f"{path}: not a varedit-lab editor checkpoint (no 'varedit_config')")
     state = {_clean_key(k[len("model."):]): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
@@ -301,8 +296,8 @@ def _trunk_from_dcp(path: Path) -> TrunkCheckpoint:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(path))
-    entries = reader.read_metadata().state_dict_metadata
+    entries = check_sharded_checkpoint(path).state_dict_metadata
+    reader = SafeFileSystemReader(str(path))
     prefix = next((p for p in _DCP_TRUNK_PREFIXES if any(k.startswith(p) for k in entries)), None)
     if prefix is None:
         raise ValueError(f"{path}: no transformer weights (keys {_DCP_TRUNK_PREFIXES}) in this sharded checkpoint")
@@ -314,7 +309,7 @@ def _trunk_from_dcp(path: Path) -> TrunkCheckpoint:
     with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": intended, offline
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         dcp.load(template, storage_reader=reader, no_dist=True)
-    meta = torch.load(path / SHARDED_METADATA_FILE, map_location="cpu", weights_only=False)
+    meta = load_weights(path / SHARDED_METADATA_FILE, "sharded-checkpoint trainer state")
     if "varedit_config" not in meta:
         raise ValueError(f"{path}: not a varedit-lab editor checkpoint (no 'varedit_config' in {SHARDED_METADATA_FILE})")
     state = {_clean_key(k[len(prefix):]): v for k, v in template.items()}

@@ -20,10 +20,11 @@ from torchmetrics import MeanMetric
 
 from conditioning import build as build_strategy
 from conditioning.base import ConditioningPlan
+from varedit_lab.checkpoint_io import CheckpointError, load_weights
 from varedit_lab.config import to_dict
 from varedit_lab.metrics import EditQuality, ScaleBitAccuracy
 from varedit_lab.model.build import build_transformer
-from varedit_lab.model.compat import load_released
+from varedit_lab.model.compat import check_finite, load_released
 from varedit_lab.model.layout import ScaleSchedule
 from varedit_lab.model.loss import bitwise_loss
 from varedit_lab.model.transformer import TextFeatures
@@ -322,9 +323,11 @@ class EditorModule(pl.LightningModule):
         """Rebuild a trained editor from a Lightning checkpoint (its config travels inside)."""
         from varedit_lab.config import config_from_dict
 
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-        if "varedit_config" not in checkpoint:
-            raise ValueError(f"{path}: not a varedit-lab editor checkpoint (no 'varedit_config')")
+        checkpoint = load_weights(path, "editor checkpoint", map_location=map_location)
+        if not isinstance(checkpoint, dict) or "varedit_config" not in checkpoint:
+            raise CheckpointError(f"{path}: not a varedit-lab editor checkpoint (no 'varedit_config'); "
+                                  "released weights go with --released, reference fixtures with --fixture")
+        check_finite(checkpoint["state_dict"], str(path))
         module = cls(config_from_dict(checkpoint["varedit_config"], overrides or [], source=str(path)))
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"], strict=True)

@@ -15,6 +15,7 @@ import torch
 
 from conditioning import build as build_strategy
 from conditioning.base import ConditioningPlan, ConditioningStrategy
+from varedit_lab.checkpoint_io import CheckpointError, load_weights
 from varedit_lab.model.compat import load_state_dict_strict
 from varedit_lab.model.layout import ScaleSchedule
 from varedit_lab.model.loss import bitwise_loss
@@ -34,10 +35,10 @@ class FieldResult:
 
 
 def load_fixture(path: str | Path) -> dict[str, Any]:
-    fixture = torch.load(path, map_location="cpu", weights_only=True)
-    version = fixture.get("format_version")
+    fixture = load_weights(path, "reference fixture")
+    version = fixture.get("format_version") if isinstance(fixture, dict) else None
     if version != SUPPORTED_FORMAT:
-        raise ValueError(f"{path}: fixture format_version {version!r}; this code reads {SUPPORTED_FORMAT}")
+        raise CheckpointError(f"{path}: not a reference fixture of format_version {SUPPORTED_FORMAT} (found {version!r})")
     return fixture
 
 

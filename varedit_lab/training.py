@@ -8,9 +8,11 @@ edit grids and ``summary.json``. ``resume=auto`` continues from ``checkpoints/la
 
 from __future__ import annotations
 
+import csv
 import os
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +20,22 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.strategies import Strategy
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
-from varedit_lab.callbacks import RunSummary, StepTimer, write_summary
+from varedit_lab.callbacks import RunCheckpoint, RunSummary, StepTimer, ValidateAtEnd
+from varedit_lab.checkpoint_io import CheckpointError, check_checkpoint, is_checkpoint
+from varedit_lab.config import ConfigError, config_hash, save_config, to_dict
+from varedit_lab.config.identity import model_changes
+from varedit_lab.distributed import TopologyCheck, fsdp2_strategy, fsdp_strategy
+from varedit_lab.model.compat import check_finite
+from varedit_lab.runs import RunFolder
 
-# Expected in every run: the frozen tokenizer/text encoder are in eval mode on purpose, and resumed
-# runs write into their existing directory.
+# Expected in every run: the frozen tokenizer/text encoder are in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty.*")
-from varedit_lab.config import config_hash, save_config, to_dict
-from varedit_lab.distributed import TopologyCheck, fsdp2_strategy, fsdp_strategy, is_checkpoint
 
 
 def run_name(cfg: DictConfig, config_path: str | Path | None = None) -> str:
@@ -67,8 +73,68 @@ def wandb_mode(cfg: DictConfig) -> str:
     return "offline" if mode == "dryrun" else mode
 
 
-def build_loggers(cfg: DictConfig, directory: Path, name: str) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(save_dir=str(directory), name="", version="")]
+class _HistoryWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not deleted.
+
+    Rows after ``keep_until_step`` (logged by an interrupted attempt after its last checkpoint; the
+    resumed run logs those steps again) are dropped, lazily: the file is rewritten only when the first
+    new rows are saved, so a run that fails before logging anything leaves it untouched.
+    """
+
+    def __init__(self, log_dir: str, keep_until_step: int | None) -> None:
+        self.keep_until_step = keep_until_step
+        self._continued = False
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # Lightning deletes metrics.csv here
+        if self.keep_until_step is None or not self._fs.isfile(self.metrics_file_path):
+            return super()._check_log_dir_exists()
+        with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+            reader = csv.DictReader(handle)
+            self.metrics_keys = sorted(reader.fieldnames or [])
+        self._continued = True
+
+    def save(self) -> None:
+        if self._continued and self.metrics:
+            self._continued = False
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                kept = [row for row in csv.DictReader(handle) if _step_of(row) <= self.keep_until_step]
+            with self._fs.open(self.metrics_file_path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+        super().save()
+
+
+def _step_of(row: dict[str, str]) -> float:
+    try:
+        return float(row.get("step") or 0)
+    except ValueError:
+        return 0.0
+
+
+class HistoryCSVLogger(CSVLogger):
+    """``CSVLogger`` writing ``metrics.csv`` straight into the run folder; a resumed run keeps the
+    history before its checkpoint and appends to it (see :class:`_HistoryWriter`)."""
+
+    def __init__(self, save_dir: str | Path, keep_until_step: int | None = None) -> None:
+        # Every logging call reaches the disk (an appended row): a killed run loses nothing it logged.
+        super().__init__(save_dir=str(save_dir), name="", version="", flush_logs_every_n_steps=1)
+        self.keep_until_step = keep_until_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _HistoryWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _HistoryWriter(self.log_dir, self.keep_until_step)
+        return self._experiment
+
+
+def build_loggers(cfg: DictConfig, folder: RunFolder | Path, name: str, resume: ResumePoint | None = None) -> list[Logger]:
+    folder = RunFolder(folder) if not isinstance(folder, RunFolder) else folder
+    # CSV step s is logged while global step s + 1 runs: rows from the checkpoint's step on are redone.
+    loggers: list[Logger] = [HistoryCSVLogger(folder.path, keep_until_step=resume.step - 1 if resume else None)]
     mode = wandb_mode(cfg)
     if mode != "disabled":
         loggers.append(
@@ -77,7 +143,7 @@ def build_loggers(cfg: DictConfig, directory: Path, name: str) -> list[Logger]:
                 name=cfg.logger.name or name,
                 group=cfg.logger.group,
                 tags=list(cfg.logger.tags),
-                save_dir=str(directory),
+                save_dir=str(folder.path),
                 offline=mode == "offline",
                 config=to_dict(cfg),
             )
@@ -85,21 +151,24 @@ def build_loggers(cfg: DictConfig, directory: Path, name: str) -> list[Logger]:
     return loggers
 
 
-def build_callbacks(cfg: DictConfig, directory: Path, extra_summary: dict[str, Any]) -> tuple[list[pl.Callback], StepTimer]:
+def build_callbacks(
+    cfg: DictConfig, folder: RunFolder | Path, extra_summary: dict[str, Any], resume: ResumePoint | None = None
+) -> tuple[list[pl.Callback], StepTimer, RunSummary]:
+    folder = RunFolder(folder) if not isinstance(folder, RunFolder) else folder
     timer = StepTimer()
-    ckpt_dir = directory / "checkpoints"
+    summary = RunSummary(folder, timer, extra_summary, resumed=resume is not None)
     callbacks: list[pl.Callback] = [
         TopologyCheck(cfg.trainer.devices),
         timer,
-        RunSummary(directory, timer, extra_summary),
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False, save_last=True,
-                        every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_top_k=0),
+        summary,
+        ValidateAtEnd(),
+        RunCheckpoint(folder.checkpoints, cfg.trainer.checkpoint_every_n_steps),
         LearningRateMonitor(logging_interval="step"),
     ]
     if cfg.trainer.checkpoint_monitor:
         callbacks.append(
-            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.trainer.checkpoint_monitor,
-                            mode=cfg.trainer.checkpoint_mode, save_top_k=1, save_last=False)
+            ModelCheckpoint(dirpath=folder.checkpoints, filename="best", monitor=cfg.trainer.checkpoint_monitor,
+                            mode=cfg.trainer.checkpoint_mode, save_top_k=1, save_last=False, enable_version_counter=False)
         )
     if cfg.optim.ema_decay:
         from lightning.pytorch.callbacks import EMAWeightAveraging
@@ -111,7 +180,7 @@ def build_callbacks(cfg: DictConfig, directory: Path, extra_summary: dict[str, A
         callbacks.append(ProbeCallback.from_config(cfg.probes))
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
-    return callbacks, timer
+    return callbacks, timer, summary
 
 
 def build_strategy(cfg: DictConfig) -> str | Strategy:
@@ -150,47 +219,86 @@ def build_trainer(cfg: DictConfig, directory: Path, callbacks: list[pl.Callback]
     )
 
 
-def resume_path(cfg: DictConfig, directory: Path) -> str | None:
+@dataclass(frozen=True)
+class ResumePoint:
+    """A validated checkpoint to continue from."""
+
+    path: str
+    step: int  # its global step: metrics.csv rows after it belong to the interrupted attempt
+
+
+def resolve_resume(cfg: DictConfig, folder: RunFolder) -> ResumePoint | None:
+    """The checkpoint ``resume`` asks for, checked before anything touches the run folder.
+
+    ``resume=auto`` continues from the folder's ``last.ckpt`` when there is one (else starts
+    afresh); a path continues from that checkpoint. The file must load with ``weights_only=True``
+    (sharded directories: :func:`~varedit_lab.checkpoint_io.check_sharded_checkpoint`), hold finite
+    weights, and have been trained under a config that defines the same model as ``cfg``.
+    """
     if not cfg.resume:
         return None
-    if cfg.resume == "auto":
-        last = directory / "checkpoints" / "last.ckpt"  # a directory under fsdp/fsdp2
-        return str(last) if is_checkpoint(last) else None
-    if not is_checkpoint(cfg.resume):
+    path = folder.last_checkpoint if cfg.resume == "auto" else Path(cfg.resume)
+    if not is_checkpoint(path):
+        if cfg.resume == "auto":
+            return None
         raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint (file, or complete sharded directory)")
-    return str(cfg.resume)
+    checkpoint = check_checkpoint(path, "checkpoint to resume from")
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"resume={path}: not a Lightning checkpoint (a {type(checkpoint).__name__})")
+    saved = checkpoint.get("varedit_config")
+    if saved is not None:
+        changes = model_changes(saved, to_dict(cfg))
+        if changes:
+            raise ConfigError(
+                f"resume={path}: the checkpoint was trained as a different model; these settings differ from it:\n  "
+                + "\n  ".join(changes)
+                + "\nResume with the checkpoint's settings, or start a new run (another name= or output_dir=)."
+            )
+    check_finite(checkpoint.get("state_dict") or {}, f"resume={path}")
+    return ResumePoint(str(path), int(checkpoint.get("global_step", 0)))
 
 
 @rank_zero_only
-def _save_resolved(cfg: DictConfig, directory: Path) -> None:
-    save_config(cfg, directory / "config.yaml")
+def _prepare_folder(cfg: DictConfig, folder: RunFolder, resume: ResumePoint | None) -> None:
+    """Starting afresh in a used folder moves the earlier attempt aside (one current run per folder);
+    resuming keeps everything. Then the resolved config is saved."""
+    if resume is None:
+        archived = folder.archive_previous_attempt()
+        if archived is not None:
+            rank_zero_info(f"{folder.path} held an earlier attempt (not resumed): moved to {archived}")
+    folder.path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder.config)
 
 
 def train(cfg: DictConfig, config_path: str | Path | None = None) -> Path:
-    """Train as configured; returns the run directory. Failures are recorded in ``summary.json``."""
+    """Train as configured; returns the run directory.
+
+    Everything that can be checked is checked before the run folder is touched (a failed resume
+    leaves it byte-identical). Failures once training has started are recorded in ``summary.json``.
+    """
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     name = run_name(cfg, config_path)
-    directory = Path(cfg.output_dir) / name
-    directory.mkdir(parents=True, exist_ok=True)
-    _save_resolved(cfg, directory)
+    folder = RunFolder(Path(cfg.output_dir) / name)
+    resume = resolve_resume(cfg, folder)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build_task(cfg)
+    _prepare_folder(cfg, folder, resume)
     extra = {"run_name": name, "task": cfg.task, "config": to_dict(cfg)}
     if hasattr(module, "strategy"):
         layout = module.strategy.layout(module.schedule, module.rope_layout)
         extra.update(strategy=module.strategy.describe(), metrics={"perf/seq_len": float(layout.length)})
-    callbacks, timer = build_callbacks(cfg, directory, extra)
-    trainer = build_trainer(cfg, directory, callbacks, build_loggers(cfg, directory, name))
+    callbacks, timer, summary = build_callbacks(cfg, folder, extra, resume)
+    trainer = build_trainer(cfg, folder.path, callbacks, build_loggers(cfg, folder, name, resume))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, directory))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
     except BaseException as err:
-        if trainer.is_global_zero:
-            write_summary(directory / "summary.json", "failed", trainer, timer, extra, error=f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
+        if trainer.is_global_zero and (resume is None or summary.trained):
+            summary.write(trainer, "failed", error=f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
         raise
     finally:
         finish_wandb(trainer)
-    return directory
+    return folder.path
 
 
 def finish_wandb(trainer: pl.Trainer) -> None:

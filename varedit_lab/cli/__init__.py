@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 from typing import Sequence
 
 COMMANDS = [
@@ -30,10 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="varedit-lab",
         description="Ablate source conditioning in visual-autoregressive image editing (VAREdit).",
     )
+    parser.add_argument("--debug", action="store_true", help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
     return parser
+
+
+DEBUG_ENV = "VAREDIT_DEBUG"
+# Errors about what the user gave (a config, a path, a file's contents): exit status 2; others 1.
+INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,11 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.func(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as err:  # noqa: BLE001 - turn library errors into one clear line
-        from varedit_lab.config import ConfigError
-
-        if isinstance(err, (ConfigError, FileNotFoundError)):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
+    except Exception as err:  # noqa: BLE001 - a library error reaches the user as its message
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        else:
+            message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+            print(f"error: {message or type(err).__name__}\n(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2 if isinstance(err, INPUT_ERRORS) else 1
     return int(code or 0)

@@ -19,12 +19,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from varedit_lab.parity import check_reference, format_table
 
-    failed = 0
+    failed = unreadable = 0
     for path in args.fixtures:
-        results = check_reference(path)
         print(f"== {path}")
+        try:
+            results = check_reference(path)
+        except (OSError, ValueError, KeyError) as err:  # not a fixture: say so, check the others
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"error: {message}")
+            unreadable += 1
+            continue
         print(format_table(results))
         bad = [r.field for r in results if not r.ok]
         failed += len(bad)
         print(f"{len(results) - len(bad)}/{len(results)} fields ok" + (f"; FAILED: {bad}" if bad else ""))
-    return 1 if failed else 0
+    if unreadable:
+        print(f"{unreadable} of {len(args.fixtures)} files could not be checked")
+    return 1 if failed or unreadable else 0

@@ -1,7 +1,6 @@
 """Run configuration: structured schemas, YAML loading with ``base:`` includes, overrides."""
 
 from varedit_lab.config.loader import (
-    CHOICES,
     ConfigError,
     config_from_dict,
     config_hash,
@@ -28,7 +27,6 @@ from varedit_lab.config.schema import (
 )
 
 __all__ = [
-    "CHOICES",
     "ConditioningConfig",
     "ConfigError",
     "config_from_dict",

@@ -19,19 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from varedit_lab.config.schema import RunConfig
-
-# String options with a closed set of values. Checked after merging; the message lists the choices.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "task": ("editor", "tokenizer"),
-    "model.rope_layout": ("reference_compat", "paper"),
-    "model.attention": ("blockwise", "masked"),
-    "optim.schedule": ("constant", "cosine"),
-    "trainer.checkpoint_mode": ("min", "max"),
-    "trainer.strategy": ("auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp", "fsdp2"),
-    "logger.mode": ("offline", "online", "disabled"),
-    "text.dtype": ("float32", "bfloat16", "float16"),
-}
-
+from varedit_lab.model.presets import PRESETS
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and how to fix it."""
@@ -77,8 +65,10 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"{source}: unknown key '{key}'.{_closest(key)}") from None
     except ValidationError as err:
         key = _key_of(err)
-        expected = _expected_type(key)
-        raise ConfigError(f"{source}: wrong type for '{key}': {err.msg.splitlines()[0]}{expected}") from None
+        message = err.msg.splitlines()[0]
+        if message.startswith("Invalid value"):  # a Literal field: the message lists the valid choices
+            raise ConfigError(f"{source}: '{key}': {message}") from None
+        raise ConfigError(f"{source}: wrong type for '{key}': {message}{_expected_type(key)}") from None
 
 
 def _expected_type(key: str) -> str:
@@ -170,11 +160,11 @@ def _apply_overrides(cfg: DictConfig, overrides: Iterable[str], source: str) -> 
 
 
 def validate(cfg: DictConfig, source: str = "config") -> None:
-    """Check the closed-choice strings and the conditioning strategy name/options."""
-    for key, choices in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{source}: '{key}' is {value!r}; valid choices: {list(choices)}")
+    """What the schema's types cannot say: value ranges, the model preset, the conditioning strategy
+    name and options (closed choices are ``Literal`` fields, checked by OmegaConf on every merge)."""
+    _check_ranges(cfg, RunConfig(), "", source)
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"{source}: 'model.preset' is {cfg.model.preset!r}; valid presets: {sorted(PRESETS)}")
     from conditioning.registry import validate_options  # light: no torch import for built-ins
 
     try:
@@ -182,6 +172,21 @@ def validate(cfg: DictConfig, source: str = "config") -> None:
     except (KeyError, TypeError, ValueError) as err:
         msg = err.args[0] if err.args else str(err)
         raise ConfigError(f"{source}: conditioning: {msg}") from None
+
+
+def _check_ranges(cfg: Any, schema: Any, prefix: str, source: str) -> None:
+    """Every field declared with :func:`~varedit_lab.config.schema.at_least` holds a value in range."""
+    for f in fields(schema):
+        value = getattr(cfg, f.name)
+        if is_dataclass(getattr(schema, f.name)):
+            _check_ranges(value, getattr(schema, f.name), f"{prefix}{f.name}.", source)
+            continue
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        if value is None or (low is None and high is None):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ConfigError(f"{source}: '{prefix}{f.name}' is {value}; it must be {bounds}")
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -213,7 +218,6 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
 
 
 __all__ = [
-    "CHOICES",
     "ConfigError",
     "config_from_dict",
     "config_hash",

@@ -8,30 +8,35 @@ nothing heavy so that ``varedit-lab config show`` stays instant.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
+
+
+def at_least(low: float, default: Any, high: float | None = None) -> Any:
+    """A field whose value must be >= ``low`` (and <= ``high``); checked by ``config.validate``."""
+    return field(default=default, metadata={"min": low, "max": high})
 
 
 @dataclass
 class ModelConfig:
     """The editing transformer. ``None`` fields are filled from ``preset``."""
 
-    preset: str = "tiny"  # tiny | infinity_2b | infinity_8b (see varedit_lab.model.presets)
-    depth: Optional[int] = None
-    width: Optional[int] = None
-    num_heads: Optional[int] = None
-    mlp_ratio: Optional[float] = None
+    preset: str = "tiny"  # a name in varedit_lab.model.presets.PRESETS: tiny | infinity_2b | infinity_8b
+    depth: Optional[int] = at_least(1, None)
+    width: Optional[int] = at_least(1, None)
+    num_heads: Optional[int] = at_least(1, None)
+    mlp_ratio: Optional[float] = at_least(0.0625, None)
     text_channels: Optional[int] = None  # width of the text features (2048 for flan-t5-xl)
     text_maxlen: Optional[int] = None  # rows of the learned unconditional text (512 released)
     # Square token grids, coarse to fine. The released 256 px schedule is [1, 2, 4, 6, 8, 12, 16].
     scales: List[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16])
     # reference_compat: the released RoPE table (1M schedule, sliced; needed by released weights).
     # paper: 2-D star positions, source at the finest grid + (64, 64) (the paper's Eq. 9-10).
-    rope_layout: str = "paper"
+    rope_layout: Literal["paper", "reference_compat"] = "paper"
     # blockwise: one SDPA call per query block over exactly its visible keys (no padding, no mask);
     # masked: one SDPA call with a boolean token mask.
-    attention: str = "blockwise"
-    drop_path_rate: float = 0.0
-    cond_drop_rate: float = 0.1  # text-only condition dropout (training mode only)
+    attention: Literal["blockwise", "masked"] = "blockwise"
+    drop_path_rate: float = at_least(0.0, 0.0, high=0.99)
+    cond_drop_rate: float = at_least(0.0, 0.1, high=1.0)  # text-only condition dropout (training mode only)
     activation_checkpointing: bool = False  # per block
     compile_blocks: bool = False  # torch.compile each block
     init_from: Optional[str] = None  # released VAREdit/Infinity .pth to fine-tune from (strict load)
@@ -42,9 +47,9 @@ class TokenizerConfig:
     """The visual tokenizer (BSQ VAE). ``checkpoint`` points at a trained or released VAE."""
 
     checkpoint: Optional[str] = None
-    codebook_dim: int = 16  # d: bits per VAE position
-    patch_size: int = 8  # VAE stride (8 or 16)
-    base_ch: int = 32
+    codebook_dim: int = at_least(1, 16)  # d: bits per VAE position
+    patch_size: int = at_least(1, 8)  # VAE stride (8 or 16)
+    base_ch: int = at_least(1, 32)
     encoder_ch_mult: List[int] = field(default_factory=lambda: [1, 2, 2, 4])
     decoder_ch_mult: List[int] = field(default_factory=lambda: [1, 2, 2, 4])
     num_res_blocks: int = 1
@@ -59,7 +64,7 @@ class TokenizerConfig:
     commitment_loss_weight: float = 0.25  # BSQ per-scale ||u - sg(q)||^2 on the normalised residual
     latent_commitment_weight: float = 0.0  # ||z - sg(summed codes)||^2 on the whole latent
     cycle_loss_weight: float = 0.0  # ||E(D(z_q)) - sg(z)||^2: bits -> decode -> encode keeps the bits
-    straight_through: str = "scales"  # scales (the quantiser's per-scale STE) | global (z + sg(z_q - z))
+    straight_through: Literal["scales", "global"] = "scales"  # scales (the quantiser's per-scale STE) | global (z + sg(z_q - z))
     zero_init_residual: bool = True  # residual branches start at zero (from-scratch training)
     channels_last: bool = True  # NHWC convolutions (faster on CPU)
     scales: List[int] = field(default_factory=lambda: [1, 2, 4, 6, 8])
@@ -70,13 +75,13 @@ class TextConfig:
     """Frozen T5 text encoder: a local HF folder (flan-t5-xl) or a tiny random T5 built from config."""
 
     path: Optional[str] = None  # local T5 folder; None builds the tiny random encoder below
-    max_length: int = 512
+    max_length: int = at_least(1, 512)
     tiny_d_model: int = 128
     tiny_num_layers: int = 2
     tiny_num_heads: int = 4
     tiny_d_ff: int = 256
     tiny_seed: int = 0
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass
@@ -95,14 +100,14 @@ class DataConfig:
     train_shards: Optional[Any] = None  # needs >= world_size x max(1, num_workers) shards
     val_shards: Optional[Any] = None
     test_shards: Optional[Any] = None
-    image_size: int = 64  # resize to cover + centre-crop to this square
-    batch_size: int = 16  # per rank (validation/test too)
-    num_workers: int = 0
-    batches_per_epoch: int = 100  # nominal epoch length per rank (training resamples shards)
+    image_size: int = at_least(8, 64)  # resize to cover + centre-crop to this square
+    batch_size: int = at_least(1, 16)  # per rank (validation/test too)
+    num_workers: int = at_least(0, 0)
+    batches_per_epoch: int = at_least(1, 100)  # nominal epoch length per rank (training resamples shards)
     shuffle_buffer: int = 256  # samples; <= 1 disables
-    val_samples: int = 16  # fixed validation list (first N good samples, 0 = all), equal on every rank
-    test_samples: int = 0  # fixed test list, as val_samples (0 = all)
-    min_side: int = 8  # an image with a shorter side is a bad sample
+    val_samples: int = at_least(0, 16)  # fixed validation list (first N good samples, 0 = all), equal on every rank
+    test_samples: int = at_least(0, 0)  # fixed test list, as val_samples (0 = all)
+    min_side: int = at_least(1, 8)  # an image with a shorter side is a bad sample
     strict: bool = False  # raise on a bad sample instead of counting and skipping it
     # Keep each training sample's tokenizer latents in memory by sample key (needs keys that are
     # unique across shards, as `data synth` writes them): for small datasets such as the benchmark.
@@ -112,47 +117,48 @@ class DataConfig:
 @dataclass
 class LossConfig:
     reweight_by_scale: bool = True  # the release's sqrt(S / n_s) per-token weights
-    label_smoothing: float = 0.0
+    label_smoothing: float = at_least(0.0, 0.0, high=0.99)
     # Bitwise self-correction (target inputs only; labels stay clean). Infinity pre-training used
     # 13 scales at strength 0.3; the VAREdit paper is silent (off by default).
-    bsc_scales: int = 0
-    bsc_strength: float = 0.3
+    bsc_scales: int = at_least(0, 0)
+    bsc_strength: float = at_least(0.0, 0.3, high=1.0)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
+    lr: float = at_least(0.0, 3e-4)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.97])
-    weight_decay: float = 0.005
-    warmup_steps: int = 50
-    schedule: str = "constant"  # constant (after warm-up, as the reference trains) | cosine
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    grad_clip: float = 5.0
+    weight_decay: float = at_least(0.0, 0.005)
+    warmup_steps: int = at_least(0, 50)
+    schedule: Literal["constant", "cosine"] = "constant"  # constant (after warm-up, as the reference trains) | cosine
+    min_lr_ratio: float = at_least(0.0, 0.1, high=1.0)  # cosine floor as a fraction of lr
+    grad_clip: float = at_least(0.0, 5.0)
     ema_decay: Optional[float] = None  # e.g. 0.999; None disables the EMA copy
 
 
 @dataclass
 class TrainerConfig:
     accelerator: str = "cpu"
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | ddp_spawn | ddp_fork | fsdp (FSDP1, GPU) | fsdp2 (see varedit_lab.distributed)
+    devices: int = at_least(-1, 1)  # -1: every visible GPU
+    num_nodes: int = at_least(1, 1)
+    # fsdp: Lightning FSDPStrategy (FSDP1, GPUs); fsdp2: FSDP2 fully_shard (see varedit_lab.distributed)
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp", "fsdp2"] = "auto"
     precision: str = "32-true"
-    max_steps: int = 200
-    val_every_n_steps: int = 100
-    log_every_n_steps: int = 10
-    accumulate_grad_batches: int = 1
+    max_steps: int = at_least(1, 200)
+    val_every_n_steps: int = at_least(1, 100)
+    log_every_n_steps: int = at_least(1, 10)
+    accumulate_grad_batches: int = at_least(1, 1)
     deterministic: bool = False
-    num_threads: Optional[int] = None  # torch intra-op threads per process
+    num_threads: Optional[int] = at_least(1, None)  # torch intra-op threads per process
     progress_bar: bool = True
-    checkpoint_every_n_steps: int = 100  # periodic last.ckpt (for resume)
+    checkpoint_every_n_steps: int = at_least(1, 100)  # periodic last.ckpt (for resume)
     checkpoint_monitor: Optional[str] = "val/loss"  # best checkpoint by this metric (None: off)
-    checkpoint_mode: str = "min"
+    checkpoint_mode: Literal["min", "max"] = "min"
 
 
 @dataclass
 class LoggerConfig:
-    mode: str = "offline"  # offline | online | disabled
+    mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "varedit-lab"
     group: Optional[str] = None
     name: Optional[str] = None
@@ -165,11 +171,11 @@ class SamplingConfig:
     """Decoding settings for validation edits and `varedit-lab edit`."""
 
     cfg: float = 4.0
-    tau: float = 0.5
-    top_k: int = 0  # a no-op on 2-class bits; kept for parity with the release
-    top_p: float = 0.97
+    tau: float = at_least(1e-6, 0.5)
+    top_k: int = at_least(0, 0)  # a no-op on 2-class bits; kept for parity with the release
+    top_p: float = at_least(0.0, 0.97, high=1.0)
     greedy: bool = False
-    num_val_edits: int = 8
+    num_val_edits: int = at_least(0, 8)
 
 
 @dataclass
@@ -188,7 +194,7 @@ class ProbesConfig:
 
 @dataclass
 class RunConfig:
-    task: str = "editor"  # editor | tokenizer
+    task: Literal["editor", "tokenizer"] = "editor"
     name: Optional[str] = None  # run name; default derived from the config
     seed: int = 0
     output_dir: str = "runs"

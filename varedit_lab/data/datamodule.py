@@ -159,6 +159,10 @@ class EditDataModule(L.LightningDataModule):
     def test_dataloader(self) -> Any:
         return FixedBatches(self.test_items, self.batch_size) if self.test_items else []
 
+    def report(self) -> dict[str, Any]:
+        """Bad samples met by this process so far, by reason (recorded in the run's summary.json)."""
+        return {"bad_samples": sum(self.bad_samples.values()), "bad_samples_by_reason": dict(self.bad_samples)}
+
     def describe(self) -> str:
         return (
             f"EditDataModule(rank {self.rank}/{self.world_size}, {len(self.train_urls)} train shards, "
@@ -181,6 +185,17 @@ class ResumableEpochs:
 
     def __len__(self) -> int:
         return self.length
+
+    # Lightning's resumable-loader interface: it tells Lightning that a mid-epoch resume is exact (no
+    # "dataloader is not resumable" warning). The position itself is re-derived from the restored
+    # trainer progress when iteration starts, which also accounts for Lightning's prefetched batch.
+    def state_dict(self) -> dict[str, int]:
+        position = self.position()
+        epoch, done = position if position is not None else (max(0, self._epochs - 1), 0)
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._epochs = int(state.get("epoch", 0))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         position = self.position()

@@ -14,6 +14,7 @@ from typing import Mapping
 
 import torch
 
+from varedit_lab.checkpoint_io import CheckpointError, load_weights
 from varedit_lab.model.transformer import VAREditTransformer
 
 _RELEASED_BLOCK = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.+)$")
@@ -23,10 +24,6 @@ _ZERO_BUFFERS = ("sa.zero_k_bias", "ca.zero_k_bias")
 _NONBLOCK_ZERO_BUFFERS = ("text_proj_for_sos.ca.zero_k_bias",)
 # Non-persistent bookkeeping the release's own loader drops.
 _IGNORED = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
-
-
-class CheckpointError(RuntimeError):
-    """A state dict does not match the model; the message names the offending keys."""
 
 
 def infer_blocks_per_chunk(state_dict: Mapping[str, torch.Tensor]) -> int:
@@ -125,9 +122,28 @@ def state_dict_mismatches(state_dict: Mapping[str, torch.Tensor], expected: Mapp
     return lines
 
 
+def nonfinite_tensors(state_dict: Mapping[str, object]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinity (a diverged run's weights)."""
+    return [
+        key for key, value in state_dict.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+
+
+def check_finite(state_dict: Mapping[str, object], source: str) -> None:
+    bad = nonfinite_tensors(state_dict)
+    if bad:
+        raise CheckpointError(f"{source}: non-finite weights (NaN/inf) in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                              "the run diverged before this checkpoint: use an earlier one")
+
+
 def load_released(model: VAREditTransformer, path: str | Path) -> None:
     """Load a released VAREdit/Infinity transformer ``.pth`` (flat state dict) strictly."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path, "transformer checkpoint")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict) or "varedit_config" in state or "state_dict" in state:
+        kind = "a varedit-lab training checkpoint (use it with resume= or --ckpt)" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise CheckpointError(f"{path}: model.init_from takes a transformer state dict (a released .pth or `varedit-lab export` output); this is {kind}")
+    check_finite(state, str(path))
     load_state_dict_strict(model, state)

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
+from varedit_lab.checkpoint_io import CheckpointError, load_weights
 from varedit_lab.model.compat import state_dict_mismatches
 from varedit_lab.tokenizer.vae import BSQTokenizer, VAEArch
 
@@ -28,7 +29,7 @@ _MASK_KEYS = ("quantizer.lfq.mask", "quantize.lfq.mask")
 _WRAPPERS = ("conv", "norm")
 
 
-class TokenizerLoadError(RuntimeError):
+class TokenizerLoadError(CheckpointError):
     """A checkpoint does not fit the tokenizer; the message names the offending keys."""
 
 
@@ -83,7 +84,7 @@ def load_tokenizer(path: str | Path, cfg: Any = None) -> BSQTokenizer:
     ``tokenizer:`` section holds schema defaults, so pointing ``checkpoint`` at a trained tokenizer
     must be enough). Released checkpoints need ``cfg`` (a TokenizerConfig or the same fields).
     """
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_weights(path, "tokenizer checkpoint")
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         arch = VAEArch.from_any(obj["config"])
     elif cfg is None:

@@ -226,6 +226,9 @@ class TokenizerModule(pl.LightningModule):
         for metric in (self.val_psnr, self.val_loss, self.roundtrip, self.roundtrip_total, *self.roundtrip_per_scale):
             metric.reset()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["varedit_config"] = to_dict(self.cfg)  # a resume checks it against its own config
+
     # ---------------------------------------------------------------------------------------------
     # the artefact the editor uses
     def on_fit_end(self) -> None:

@@ -18,6 +18,13 @@ def fixture_tokenizer(fixture: dict[str, Any]) -> BSQTokenizer:
     return model
 
 
+def feature_tolerance(expected: torch.Tensor) -> float:
+    """1e-5 relative to the largest feature magnitude: float32 convolutions accumulate differently on
+    different CPUs (oneDNN picks other algorithms). The reference's own fp32 features are 7e-6 away
+    from our float64 forward; our fp32 forward adds up to 1.5e-5 on an AMD EPYC (features up to 3.1)."""
+    return 1e-5 * max(1.0, float(expected.abs().max()))
+
+
 def compare_uint8(field: str, got: torch.Tensor, expected: torch.Tensor) -> FieldResult:
     """Images within one intensity level (x*255 next to an integer may truncate either way)."""
     result = compare(field, got, expected, 1.0)
@@ -39,8 +46,8 @@ def check_tokenizer(fixture: dict[str, Any]) -> list[FieldResult]:
     recon = vae.decode(exp["gt_bits"], schedule)
     greedy = vae.decode(exp["greedy_bits"], schedule)
     return [
-        compare("src_features", src, exp["src_features"], 1e-5, note),
-        compare("tgt_raw_features", latent, exp["tgt_raw_features"], 1e-5, note),
+        compare("src_features", src, exp["src_features"], feature_tolerance(exp["src_features"]), note),
+        compare("tgt_raw_features", latent, exp["tgt_raw_features"], feature_tolerance(exp["tgt_raw_features"]), note),
         compare("gt_bits", tokens.bits, exp["gt_bits"], 0, note),
         compare("teacher_inputs", tokens.teacher_inputs, exp["teacher_inputs"], 1e-6, note),
         compare("vae_recon_summed_codes", vae.codes_from_bits(exp["gt_bits"], schedule), exp["vae_recon_summed_codes"], 1e-6, "from gt_bits"),
