@@ -106,3 +106,24 @@ def test_bad_samples_are_recorded_in_the_summary(synthetic_shards, tmp_path):
         run = RunFolder(train(tiny(shards, tmp_path, "trainer.max_steps=2", "data.batch_size=2")))
     data = run.read_summary()["data"]
     assert data["bad_samples"] > 0 and set(data["bad_samples_by_reason"]) <= {"unreadable_image", "missing_key", "wrong_size"}
+
+
+def test_a_kill_between_checkpoint_and_csv_row_loses_no_step(tmp_path):
+    """Lightning saves ``last.ckpt`` in on_train_batch_end and writes that step's CSV row just after: the
+    checkpoint carries the row, and the resumed history puts it back when the kill came in between."""
+    from varedit_lab.training import HistoryCSVLogger
+
+    with open(tmp_path / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["epoch", "step", "train/loss"])
+        writer.writeheader()
+        writer.writerows([{"epoch": 0, "step": s, "train/loss": 1.0 / (s + 1)} for s in range(4)])
+    pending = {"step": 4, "epoch": 1, "train/loss": 0.2}
+    logger = HistoryCSVLogger(tmp_path, keep_until_step=4, pending_row=pending)
+    logger.log_metrics({"train/loss": 1 / 6}, step=5)
+    logger.save()
+    assert csv_steps(tmp_path / "metrics.csv") == [0, 1, 2, 3, 4, 5]
+    # when the row did reach the disk it is not written twice
+    logger = HistoryCSVLogger(tmp_path, keep_until_step=5, pending_row={"step": 5, "epoch": 1, "train/loss": 1 / 6})
+    logger.log_metrics({"train/loss": 1 / 7}, step=6)
+    logger.save()
+    assert csv_steps(tmp_path / "metrics.csv") == [0, 1, 2, 3, 4, 5, 6]

@@ -96,6 +96,9 @@ class ValidateAtEnd(pl.Callback):
             trainer.should_stop = True
 
 
+PENDING_ROW_KEY = "varedit_pending_metrics_row"
+
+
 class RunCheckpoint(ModelCheckpoint):
     """``last.ckpt`` every ``every_n_train_steps`` steps and after the final step, so that a finished
     run's ``last.ckpt`` is the finished model (``edit``, ``probe``, ``resume=auto`` read it). Files are
@@ -110,3 +113,12 @@ class RunCheckpoint(ModelCheckpoint):
         final = 0 < trainer.max_steps <= trainer.global_step
         if final and trainer.global_step % max(1, self._every_n_train_steps) and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # Lightning writes the step's CSV row *after* on_train_batch_end, where this checkpoint is
+        # saved: a kill in between would lose that row for good (the resume starts at the next step).
+        # The checkpoint carries it; the resumed run's history restores it (training.HistoryCSVLogger).
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
+                   if key.startswith("train/") and not key.endswith("_epoch") and value.numel() == 1}
+        if metrics and trainer.global_step > 0:
+            checkpoint[PENDING_ROW_KEY] = {"step": trainer.global_step - 1, "epoch": trainer.current_epoch, **metrics}

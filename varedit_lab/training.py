@@ -26,7 +26,7 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
-from varedit_lab.callbacks import RunCheckpoint, RunSummary, StepTimer, ValidateAtEnd
+from varedit_lab.callbacks import PENDING_ROW_KEY, RunCheckpoint, RunSummary, StepTimer, ValidateAtEnd
 from varedit_lab.checkpoint_io import CheckpointError, check_checkpoint, is_checkpoint
 from varedit_lab.config import ConfigError, config_hash, save_config, to_dict
 from varedit_lab.config.identity import model_changes
@@ -81,8 +81,9 @@ class _HistoryWriter(ExperimentWriter):
     new rows are saved, so a run that fails before logging anything leaves it untouched.
     """
 
-    def __init__(self, log_dir: str, keep_until_step: int | None) -> None:
+    def __init__(self, log_dir: str, keep_until_step: int | None, pending_row: dict[str, Any] | None = None) -> None:
         self.keep_until_step = keep_until_step
+        self.pending_row = pending_row  # the checkpoint's own step row, in case the kill came before its write
         self._continued = False
         super().__init__(log_dir)
 
@@ -99,11 +100,19 @@ class _HistoryWriter(ExperimentWriter):
             self._continued = False
             with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
                 kept = [row for row in csv.DictReader(handle) if _step_of(row) <= self.keep_until_step]
+            kept += self._missing_pending_row(kept)
             with self._fs.open(self.metrics_file_path, "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=self.metrics_keys)
                 writer.writeheader()
                 writer.writerows(kept)
         super().save()
+
+    def _missing_pending_row(self, kept: list[dict[str, str]]) -> list[dict[str, Any]]:
+        row = self.pending_row
+        if not row or any(_step_of(r) == row["step"] and any(r.get(k) for k in row if k.startswith("train/")) for r in kept):
+            return []
+        self.metrics_keys = sorted(set(self.metrics_keys) | set(row))
+        return [row]
 
 
 def _step_of(row: dict[str, str]) -> float:
@@ -117,24 +126,26 @@ class HistoryCSVLogger(CSVLogger):
     """``CSVLogger`` writing ``metrics.csv`` straight into the run folder; a resumed run keeps the
     history before its checkpoint and appends to it (see :class:`_HistoryWriter`)."""
 
-    def __init__(self, save_dir: str | Path, keep_until_step: int | None = None) -> None:
+    def __init__(self, save_dir: str | Path, keep_until_step: int | None = None, pending_row: dict[str, Any] | None = None) -> None:
         # Every logging call reaches the disk (an appended row): a killed run loses nothing it logged.
         super().__init__(save_dir=str(save_dir), name="", version="", flush_logs_every_n_steps=1)
         self.keep_until_step = keep_until_step
+        self.pending_row = pending_row
 
     @property
     @rank_zero_experiment
     def experiment(self) -> _HistoryWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _HistoryWriter(self.log_dir, self.keep_until_step)
+            self._experiment = _HistoryWriter(self.log_dir, self.keep_until_step, self.pending_row)
         return self._experiment
 
 
 def build_loggers(cfg: DictConfig, folder: RunFolder | Path, name: str, resume: ResumePoint | None = None) -> list[Logger]:
     folder = RunFolder(folder) if not isinstance(folder, RunFolder) else folder
     # CSV step s is logged while global step s + 1 runs: rows from the checkpoint's step on are redone.
-    loggers: list[Logger] = [HistoryCSVLogger(folder.path, keep_until_step=resume.step - 1 if resume else None)]
+    loggers: list[Logger] = [HistoryCSVLogger(folder.path, keep_until_step=resume.step - 1 if resume else None,
+                                                   pending_row=resume.pending_row if resume else None)]
     mode = wandb_mode(cfg)
     if mode != "disabled":
         loggers.append(
@@ -225,6 +236,7 @@ class ResumePoint:
 
     path: str
     step: int  # its global step: metrics.csv rows after it belong to the interrupted attempt
+    pending_row: dict[str, Any] | None = None  # the CSV row of its last step (callbacks.RunCheckpoint)
 
 
 def resolve_resume(cfg: DictConfig, folder: RunFolder) -> ResumePoint | None:
@@ -255,7 +267,8 @@ def resolve_resume(cfg: DictConfig, folder: RunFolder) -> ResumePoint | None:
                 + "\nResume with the checkpoint's settings, or start a new run (another name= or output_dir=)."
             )
     check_finite(checkpoint.get("state_dict") or {}, f"resume={path}")
-    return ResumePoint(str(path), int(checkpoint.get("global_step", 0)))
+    pending = checkpoint.get(PENDING_ROW_KEY)
+    return ResumePoint(str(path), int(checkpoint.get("global_step", 0)), pending if isinstance(pending, dict) else None)
 
 
 @rank_zero_only
