@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, TextIO
 
 from varedit_lab.config import ConfigError, load_config
+from varedit_lab.sweep.claims import freeze_claims
 from varedit_lab.sweep.plan import Proposal, cap_for, grid_proposals, propose
 from varedit_lab.sweep.spec import RUNNER_KEYS, SweepError, SweepSpec, agent_command, expand_command
 from varedit_lab.sweep.state import RunRecord, SweepState, load_state, locked, now, save_state
@@ -449,6 +450,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, out: TextIO | None = None)
         return dry_run(spec, sweep_dir, options, out)
     with locked(sweep_dir):
         state = _open_state(spec, sweep_dir, options, out)
+        if spec.claims and (note := freeze_claims(spec.path, sweep_dir)):  # claims as declared before running
+            print(note, file=out)
         _reconcile(state, sweep_dir, out)
         queue = _Queue(spec, state, sweep_dir, options)
         queue.build()
