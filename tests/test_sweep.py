@@ -39,6 +39,7 @@ from varedit_lab.sweep import (
     t_critical,
     write_report,
 )
+from varedit_lab.sweep.claims import is_claims_file
 from varedit_lab.sweep.plan import cap_for
 from varedit_lab.sweep.report import load_results, mean_curve
 from varedit_lab.sweep.runner import preflight, run_settings
@@ -46,7 +47,7 @@ from varedit_lab.sweep.state import SweepState, locked, save_state
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = Path(__file__).with_name("sweep_fake_train.py")
-SWEEP_FILES = sorted((experiments_dir() / "sweeps").glob("*.yaml"))
+SWEEP_FILES = sorted(p for p in (experiments_dir() / "sweeps").glob("*.yaml") if not is_claims_file(p))  # claims: test_claims.py
 T2 = 4.303  # t(0.975, 2): three seeds
 
 

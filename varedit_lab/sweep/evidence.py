@@ -237,7 +237,7 @@ def claims_section(results: list[ClaimResult], source: str) -> list[str]:
         "(two-sided 5 %); seeds needed: for the paper's relative effect at this variance.",
         "",
     ]
-    header = ["claim", "comparison", "n seeds", "samples", "arm − baseline (95 % CI)", "bootstrap 95 % CI", "δ", "decision", "MDE", "paper effect → seeds needed"]
+    header = ["claim", "comparison", "pairs (seeds)", "samples", "arm − baseline (95 % CI)", "bootstrap 95 % CI", "δ", "decision", "MDE", "paper effect → seeds needed"]
     rows = []
     for r in results:
         c, unit = r.claim, unit_of(r.claim.metric)
