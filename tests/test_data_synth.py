@@ -374,6 +374,8 @@ def test_cli_synth_textured(tmp_path, capsys):
     with tarfile.open(tmp_path / "val-000000.tar") as tar:
         names = tar.getnames()
     assert {"val-00000000.src_texture.png", "val-00000000.tgt_texture.png", "val-00000000.mask.png"} <= set(names)
+    assert main(["data", "inspect", str(tmp_path / "val-000000.tar"), "--size", "128"]) == 0
+    assert "6 good samples (6 with masks, 6 with texture masks)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -175,7 +175,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     items, bad = read_fixed_list(urls, 0, args.size, where="inspect")
     kinds = Counter(item["kind"] or "?" for item in items)
     masks = sum("mask" in item for item in items)
-    print(f"{len(urls)} shards, {len(items)} good samples ({masks} with masks), bad: {dict(bad) or 0}")
+    textures = sum("source_texture" in item for item in items)
+    print(f"{len(urls)} shards, {len(items)} good samples ({masks} with masks, {textures} with texture masks), bad: {dict(bad) or 0}")
     print("kinds: " + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())))
     for item in items[: args.show]:
         print(f"  {item['key']}: {item['instruction']}")
