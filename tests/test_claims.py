@@ -314,3 +314,11 @@ def test_one_seed_report_has_no_intervals_and_says_n1(tmp_path):
     assert "## Paired differences" not in report and " ± " not in row[4]
     assert "No cost.json: times are the runs' own `perf/train_step_s`" in report
     assert paths["claim_differences"].is_file() and paths["edit_kinds"].is_file()
+
+
+def test_report_with_claims_logs_an_offline_wandb_run(report_dir, capsys):
+    assert main(["sweep", "report", str(report_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "warning" not in out and "wandb: " in out  # the claims table went with the run
+    run = next((report_dir / "wandb").glob("offline-run-*"))
+    assert list(run.glob("files/media/table/sweep/claims_*.table.json"))

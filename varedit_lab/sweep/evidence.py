@@ -337,11 +337,13 @@ def kind_section(rows: list[KindRow]) -> list[str]:
         for r in rows
     ]
     losing = [f"{r.group}/{r.kind}" for r in rows if r.stats["margin"].n and r.stats["margin"].mean <= 0]
-    verdict = (
-        f"Edit kinds that do **not** beat copying the source on success: {', '.join(losing)}."
-        if losing
-        else "Every edit kind beats copying the source on success (mean margin > 0) for every group."
-    )
+    unclear = [f"{r.group}/{r.kind}" for r in rows if r.stats["margin"].n >= 2 and r.stats["margin"].mean > 0 >= r.stats["margin"].low]
+    if losing:
+        verdict = f"Edit kinds that do **not** beat copying the source on success: {', '.join(losing)}."
+    else:
+        verdict = "Every edit kind beats copying the source on success (mean margin > 0) for every group."
+    if unclear:
+        verdict += f" Not clearly (the margin's 95 % CI reaches 0): {', '.join(unclear)}."
     return [
         "",
         "## Per edit kind (greedy validation edits, from samples.jsonl)",

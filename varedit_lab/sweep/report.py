@@ -514,7 +514,13 @@ def _logger_settings(sweep_dir: Path, results: list[RunResult]) -> tuple[str, st
 
 
 def log_to_wandb(
-    sweep_dir: Path, state: SweepState, results: list[RunResult], groups: list[Group], images: dict[str, Path], columns: tuple[list[str], list[str]]
+    sweep_dir: Path,
+    state: SweepState,
+    results: list[RunResult],
+    groups: list[Group],
+    images: dict[str, Path],
+    columns: tuple[list[str], list[str]],
+    claims: Iterable[ClaimResult] = (),
 ) -> Path | None:
     """A ``sweep-report`` run in the sweep's group with the summary table, group stats and plots.
 
@@ -548,6 +554,14 @@ def log_to_wandb(
             "sweep/runs": wandb.Table(columns=header, data=rows),
             "sweep/groups": wandb.Table(columns=stat_header, data=stat_rows),
         }
+        claim_rows = [
+            [c.claim.name, c.claim.metric, str(c.claim.arm), str(c.claim.baseline), c.claim.direction, c.stats.n,
+             c.stats.mean, c.stats.low, c.stats.high, c.delta, c.decision.label]
+            for c in claims
+        ]
+        if claim_rows:
+            claim_header = ["claim", "metric", "arm", "baseline", "better", "pairs", "mean_diff", "ci_low", "ci_high", "delta", "decision"]
+            payload["sweep/claims"] = wandb.Table(columns=claim_header, data=claim_rows)
         payload.update({f"sweep/{name}": wandb.Image(str(path)) for name, path in images.items()})
         run.log(payload)
         for g in groups:
@@ -633,7 +647,7 @@ def write_report(sweep_dir: str | Path, *, wandb: bool = True, out: TextIO | Non
     paths.update(images)
     if wandb:
         try:
-            wandb_dir = log_to_wandb(sweep_dir, state, results, groups, images, (params, metrics))
+            wandb_dir = log_to_wandb(sweep_dir, state, results, groups, images, (params, metrics), evidence.claims)
         except Exception as err:  # noqa: BLE001 - the files are written; a W&B problem must not hide them
             print(f"warning: logging the report to W&B failed: {type(err).__name__}: {err}", file=out)
         else:
