@@ -440,7 +440,9 @@ def plot_scales(path: Path, groups: list[Group], results: list[RunResult]) -> Pa
     for i, g in enumerate(groups):
         stats = [g.stat(f"val/scale{k}_bit_acc") for k in scales]
         errors = [0.0 if math.isnan(s.half_width) else s.half_width for s in stats]
-        ax.errorbar([k + (i - len(groups) / 2) * 0.06 for k in scales], [s.mean for s in stats], yerr=errors, marker="o", capsize=3, label=g.label)
+        with_ci = any(s.n >= 2 for s in stats)  # n = 1: bare points, no whiskers
+        ax.errorbar([k + (i - len(groups) / 2) * 0.06 for k in scales], [s.mean for s in stats], yerr=errors if with_ci else None,
+                    marker="o", capsize=3 if with_ci else 0, label=g.label)
     ax.set_xlabel("target scale k (coarse → fine)")
     ax.set_ylabel("bit accuracy")
     ax.set_xticks(scales)
@@ -485,12 +487,14 @@ def plot_loss_curves(path: Path, groups: list[Group]) -> Path | None:
             steps, means, halves = mean_curve(curves)
             label = f"{g.label} (n={len(curves)})"
             if len(steps) == 1:  # e.g. one validation at the end: a band would be invisible
-                ax.errorbar(steps, means, yerr=halves, color=f"C{i}", marker="o", capsize=4, label=label)
+                with_ci = len(curves) >= 2
+                ax.errorbar(steps, means, yerr=halves if with_ci else None, color=f"C{i}", marker="o", capsize=4 if with_ci else 0, label=label)
                 continue
             ax.plot(steps, means, color=f"C{i}", label=label, marker="." if len(steps) < 20 else None)
             ax.fill_between(steps, [m - h for m, h in zip(means, halves)], [m + h for m, h in zip(means, halves)], color=f"C{i}", alpha=0.2)
         ax.set_xlabel("step")
-        ax.set_title(f"{key} (mean over seeds, 95 % CI band)", fontsize=10)
+        ax.set_ylabel(f"{key} ({unit_of(key)})" if unit_of(key) else key)
+        ax.set_title(f"{key} (mean over seeds, 95 % CI band where n ≥ 2)", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
