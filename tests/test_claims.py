@@ -322,3 +322,30 @@ def test_report_with_claims_logs_an_offline_wandb_run(report_dir, capsys):
     assert "warning" not in out and "wandb: " in out  # the claims table went with the run
     run = next((report_dir / "wandb").glob("offline-run-*"))
     assert list(run.glob("files/media/table/sweep/claims_*.table.json"))
+
+
+def test_pairing_by_every_other_swept_key_with_a_named_arm_key_and_where():
+    """Arms may be any swept parameter; pairs agree on all the others (seed, layout); ``where`` filters."""
+    from types import SimpleNamespace
+
+    from varedit_lab.sweep.claims import Claim
+    from varedit_lab.sweep.evidence import SampleCache, evaluate_claim, pair_runs
+
+    def run(layout: str, strategy: str, seed: int, value: float) -> SimpleNamespace:
+        params = {"model.rope_layout": layout, "conditioning.name": strategy, "seed": seed}
+        return SimpleNamespace(name=f"{layout}-{strategy}-{seed}", status="completed", params=params,
+                               metrics={"val/balance": value}, curves={}, run_dir=None)
+
+    runs = [run(layout, strategy, seed, 10 + seed + (1.0 if layout == "release" else 0.0) + (0.5 if strategy == "sar" else 0.0))
+            for layout in ("paper", "release") for strategy in ("max_scale", "sar") for seed in (0, 1, 2)]
+    keys = ["model.rope_layout", "conditioning.name", "seed"]
+    by_strategy = Claim("s", "val/balance", "sar", "max_scale", "higher", delta=0.1)
+    pairs = pair_runs(runs, by_strategy, keys)
+    assert len(pairs) == 6 and all(a.params["seed"] == b.params["seed"] and a.params["model.rope_layout"] == b.params["model.rope_layout"] for a, b in pairs)
+    result = evaluate_claim(by_strategy, runs, keys, SampleCache())
+    assert result.stats.n == 6 and result.stats.mean == pytest.approx(0.5) and result.decision.label == SUPPORTED
+    by_layout = Claim("l", "val/balance", "release", "paper", "higher", delta=0.1, arm_key="model.rope_layout", where={"conditioning.name": "sar"})
+    pairs = pair_runs(runs, by_layout, keys)
+    assert [(a.name, b.name) for a, b in pairs] == [(f"release-sar-{s}", f"paper-sar-{s}") for s in (0, 1, 2)]
+    failed = [SimpleNamespace(**{**vars(r), "status": "failed"}) if r.name == "release-sar-1" else r for r in runs]
+    assert len(pair_runs(failed, by_layout, keys)) == 2  # a failed run leaves its partner unpaired

@@ -23,7 +23,6 @@ fails when the sweep is loaded, before anything runs, naming the key and the val
 from __future__ import annotations
 
 import difflib
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +269,3 @@ def freeze_claims(sweep_file: str | Path | None, sweep_dir: Path) -> str | None:
         )
     return None
 
-
-def text_digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 from varedit_lab.runs import RunFolder
 from varedit_lab.sweep.claims import Claim
 from varedit_lab.sweep.paired import (
+    MAX_SEEDS,
     BootstrapCI,
     Decision,
     PairedStats,
@@ -250,7 +251,7 @@ def claims_section(results: list[ClaimResult], source: str) -> list[str]:
         if r.paper_effect is None:
             paper = "—"
         else:
-            needed = "—" if not r.stats.has_interval else (str(r.seeds_for_paper) if r.seeds_for_paper else f"> {10_000}")
+            needed = "—" if not r.stats.has_interval else (str(r.seeds_for_paper) if r.seeds_for_paper else f"> {MAX_SEEDS}")
             paper = f"{r.paper_effect:.3g} {unit} → {needed}"
         mde = f"{r.mde:.3g}" if math.isfinite(r.mde) else "—"
         rows.append([f"`{c.name}`", c.describe(), str(r.stats.n), samples, diff, boot, f"{r.delta:.3g}", r.decision.format(), mde, paper])
