@@ -19,7 +19,7 @@ from varedit_lab.config import experiments_dir, load_config
 from varedit_lab.data.synth import write_synthetic_shards
 from varedit_lab.eval.cost import measure_cost, write_cost
 from varedit_lab.model.layout import ScaleSchedule
-from varedit_lab.sweep import SweepOptions, load_sweep, run_sweep
+from varedit_lab.sweep import SweepOptions, load_sweep, run_sweep, write_report
 from varedit_lab.sweep.spec import grid_values
 from varedit_lab.tokenizer import load_tokenizer
 from varedit_lab.tokenizer.precompute import MANIFEST, precompute_shards
@@ -200,9 +200,10 @@ def run_demo(mode: str = "full", root: str | Path = "runs/demo", parallel: int =
     stages.append(("tokenizer", lambda: tokenizer.setdefault("path", ensure_tokenizer(paths, plan, out))))
     if plan.precompute:
         stages.append(("precompute", lambda: ensure_precomputed(paths, plan, tokenizer["path"], out)))
-    if plan.measure_cost:
-        stages.append(("cost", lambda: str(ensure_cost(paths, plan, tokenizer["path"], sweep_arms(plan), out))))
     stages.append(("sweep", lambda: run_ablation(paths, plan, tokenizer["path"], parallel, out)))
+    if plan.measure_cost:  # after the sweep: the arms are timed alone on the machine, not beside its runs
+        stages.append(("cost", lambda: str(ensure_cost(paths, plan, tokenizer["path"], sweep_arms(plan), out))))
+        stages.append(("report", lambda: str(write_report(paths.sweep, wandb=False, out=out)["report"])))
     results: dict[str, Any] = {}
     for name, stage in stages:
         t0 = time.perf_counter()
