@@ -24,11 +24,11 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch) -> None:
     assert summary["sweep_exit_code"] == 0, log.getvalue()
     assert set(summary["stage_minutes"]) == {"data", "tokenizer", "precompute", "sweep", "cost", "report", "probes"}
     cost = json.loads((tmp_path / "runs" / "demo" / "smoke" / "sweep" / "cost.json").read_text())
-    assert set(cost["strategies"]) == {"full_scale", "max_scale", "sar", "text_only"}
-    assert cost["strategies"]["full_scale"]["seq_len"] > cost["strategies"]["sar"]["seq_len"] == cost["strategies"]["max_scale"]["seq_len"]
+    assert set(cost["strategies"]) == {"full_scale_all", "max_scale", "sar", "text_only"}
+    assert cost["strategies"]["full_scale_all"]["seq_len"] > cost["strategies"]["sar"]["seq_len"] == cost["strategies"]["max_scale"]["seq_len"]
     assert (tmp_path / "data" / "synthetic64" / "precomputed" / "precompute.json").is_file()
     report = (tmp_path / summary["report"]).read_text()  # absolute paths stay absolute
-    for strategy in ("full_scale", "max_scale", "sar", "text_only"):
+    for strategy in ("full_scale_all", "max_scale", "sar", "text_only"):
         assert strategy in report
     sweep_dir = tmp_path / "runs" / "demo" / "smoke" / "sweep"
     assert (sweep_dir / "summary.csv").is_file() and list(sweep_dir.glob("*.png"))
