@@ -224,7 +224,7 @@ def report_dir(tmp_path_factory) -> Path:
     sweep_dir = directory / "out"
     assert run_sweep(spec, SweepOptions(sweep_dir=sweep_dir, parallel=3, report=False)).exit_code == 0
     (sweep_dir / "cost.json").write_text(json.dumps({
-        "machine": "test box, alone",
+        "measured": "test box, alone", "threads": 1, "batch_size": 8, "repeats": 2,
         "strategies": {"max_scale": {"train_step_s": [0.40, 0.42], "edit_s": 0.5, "seq_len": 777},
                        "sar": {"train_step_s": [0.41, 0.41], "edit_s": 0.5, "seq_len": 777},
                        "full_scale": {"train_step_s": [0.60, 0.62], "edit_s": 0.8, "seq_len": 1042}},
@@ -274,8 +274,8 @@ def test_report_evidence_sections_and_plots(report_dir):
     assert recolour.split("|")[3:7] == [" 6 ", " 8.90 ± 0.50 ", " 6.20 ± 0.00 ", " 2.70 ± 0.50 "]
     assert "Every edit kind beats copying the source on success" in report
     # cost from cost.json (measured alone), with repeats as mean ± CI
-    assert f"## Cost per strategy (from `{report_dir / 'cost.json'}` (test box, alone))" in report
-    assert "| full_scale | 0.610 ± 0.127 | 0.800 (n=1) | 1042 (n=1) |" in report
+    assert f"## Cost per strategy (from `{report_dir / 'cost.json'}` (test box, alone; threads 1; batch 8; repeats 2))" in report
+    assert "| full_scale | 0.610 ± 0.127 | 0.800 | 1042 |" in report
 
 
 def test_difference_curve_follows_the_validations(report_dir):
@@ -350,3 +350,18 @@ def test_pairing_by_every_other_swept_key_with_a_named_arm_key_and_where():
     assert [(a.name, b.name) for a, b in pairs] == [(f"release-sar-{s}", f"paper-sar-{s}") for s in (0, 1, 2)]
     failed = [SimpleNamespace(**{**vars(r), "status": "failed"}) if r.name == "release-sar-1" else r for r in runs]
     assert len(pair_runs(failed, by_layout, keys)) == 2  # a failed run leaves its partner unpaired
+
+
+def test_cost_json_written_by_eval_cost_is_what_the_report_reads(tmp_path):
+    from varedit_lab.eval.cost import write_cost
+    from varedit_lab.sweep.evidence import cost_section, read_cost_file
+
+    measured = {"measured": "alone", "threads": 2, "batch_size": 8, "repeats": 3,
+                "strategies": {"max_scale": {"train_step_s": 0.41, "edit_s": 0.52, "seq_len": 777},
+                               "full_scale_all": {"train_step_s": 0.63, "edit_s": 0.81, "seq_len": 1042}}}
+    cost = read_cost_file(write_cost(tmp_path / "cost.json", measured))
+    assert cost.per_group["full_scale_all"]["seq_len"].mean == 1042 and cost.machine == "alone; threads 2; batch 8; repeats 3"
+    assert "| max_scale | 0.410 | 0.520 | 777 |" in cost_section(cost)
+    (tmp_path / "bad.json").write_text(json.dumps({"strategies": {"sar": {"edit_s": "fast"}}}))
+    with pytest.raises(SweepError, match="strategies.sar.edit_s must be a number"):
+        read_cost_file(tmp_path / "bad.json")

@@ -8,10 +8,10 @@ Inputs are the run folders' files (the training side's contract):
   ``val/{success,preservation,balance}`` and ``val/copy_*`` (dB), ``perf/seq_len``;
 * ``samples.jsonl``: one JSON object per validation sample with ``key``, ``kind`` and the metrics
   without ``val/`` (``success``, ``copy_success``, ``ce_in_coarse``, ...);
-* ``cost.json`` (optional), measured with one strategy alone on the machine, in the sweep directory
-  (or next to it)::
+* ``cost.json`` (optional; :mod:`varedit_lab.eval.cost` writes it in the demo), measured with one
+  strategy at a time alone on the machine, in the sweep directory (or next to it)::
 
-      {"machine": "2-core CPU, nothing else running", "batch_size": 8,
+      {"measured": "alone in one process, ...", "threads": 2, "batch_size": 8, "repeats": 3,
        "strategies": {"max_scale": {"train_step_s": 0.41, "edit_s": 0.52, "seq_len": 777}, ...}}
 
   Each value is a number or a list of repeated measurements (mean ± 95 % CI); ``train_step_s`` is
@@ -392,7 +392,14 @@ def read_cost_file(path: Path) -> Cost:
             if not values or any(_finite(v) is None for v in values):
                 raise SweepError(f"{path}: strategies.{name}.{key} must be a number or a list of numbers, got {value!r}")
             per_group[str(name)][key] = mean_ci(float(v) for v in values)
-    return Cost(str(path), str(data.get("machine", "")), per_group)
+    return Cost(str(path), _cost_setting(data), per_group)
+
+
+def _cost_setting(data: dict[str, Any]) -> str:
+    """How the times were taken, from the file's own fields (``varedit_lab.eval.cost`` writes these)."""
+    parts = [str(data[k]) for k in ("machine", "measured") if data.get(k)]
+    parts += [f"{label} {data[k]}" for k, label in (("threads", "threads"), ("batch_size", "batch"), ("repeats", "repeats")) if data.get(k) is not None]
+    return "; ".join(parts)
 
 
 def cost_from_runs(groups: Sequence[GroupLike]) -> Cost:
@@ -405,11 +412,18 @@ def cost_from_runs(groups: Sequence[GroupLike]) -> Cost:
     return Cost("runs", "", per_group, note)
 
 
+def _cost_cell(stat: MeanCI | None, digits: int) -> str:
+    """One measurement (e.g. a median of timings) as a plain number; repeats as mean ± 95 % CI."""
+    if stat is None or not stat.n:
+        return "—"
+    return f"{stat.mean:.{digits}f}" if stat.n == 1 else stat.format(digits)
+
+
 def cost_section(cost: Cost) -> list[str]:
     fields = [f for f in COST_FIELDS if any(f[0] in v for v in cost.per_group.values())]
     if not fields:
         return []
-    rows = [[group, *(values[k].format(d) if k in values else "—" for k, _, d in fields)] for group, values in cost.per_group.items()]
+    rows = [[group, *(_cost_cell(values.get(k), d) for k, _, d in fields)] for group, values in cost.per_group.items()]
     where = f"from `{cost.source}`" + (f" ({cost.machine})" if cost.machine else "") if cost.source != "runs" else "from the runs"
     lines = ["", f"## Cost per strategy ({where})", ""] + _table(["strategy", *(label for _, label, _ in fields)], rows)
     return lines + (["", cost.note] if cost.note else [])
