@@ -135,7 +135,7 @@ def resolve_released(
         else:
             problems.append(f"several transformers in {root}: {[p.name for p in candidates]}; choose one with --model (e.g. {candidates[0].stem})")
     name_size, name_res = _parse_name(Path(transformer)) if transformer is not None else (None, None)
-    size = (size or name_size or "").lower() or None
+    size = (size or name_size or MODELS.get(model or "", ("",))[0] or "").lower() or None
     resolution = resolution or name_res
     if transformer is not None and not Path(transformer).is_file():
         problems.append(f"transformer {transformer}: no such file")

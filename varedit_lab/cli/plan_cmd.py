@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("plan", help="memory plan of a config per device (and the largest batch that fits)",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="run config YAML (e.g. experiments/released/varedit_2b_512.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. base=../trainer/fsdp.yaml trainer.num_nodes=2")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer=fsdp2 trainer.num_nodes=2")
     parser.add_argument("--gpu-mem", help="device memory, e.g. 80GB: also print the largest batch that fits")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="devices per node when trainer.devices=-1 (default 8)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
