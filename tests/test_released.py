@@ -140,3 +140,18 @@ def test_plan_cli_sharding_and_largest_batch(capsys: pytest.CaptureFixture):
     assert ddp["largest_batch"]["checkpointing"] > ddp["largest_batch"]["no_checkpointing"] >= 1
     assert fsdp["largest_batch"]["checkpointing"] > ddp["largest_batch"]["checkpointing"]
     assert main(["plan", config, "--gpu-mem", "lots"]) == 2
+
+
+def test_gpu_check_script_runs_on_cpu_at_tiny_size(tmp_path: Path):
+    out = tmp_path / "gpu_check.json"
+    args = ["--device", "cpu", "--width", "64", "--heads", "2", "--text-channels", "64", "--depth", "2", "--batch", "2",
+            "--steps", "2", "--train-size", "64", "--edit-size", "64", "--edit-repeats", "1", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    train, edit = result["train"], result["edit"]
+    assert train["sequence_length"] == 37 and len(train["step_times_s"]) == 2 and torch.isfinite(torch.tensor(train["loss"]))
+    assert train["planned_trunk_peak_gib"] > 0 and train["model_tflop_per_step"] > 0
+    assert edit["seconds_per_edit"] > 0 and edit["seconds_per_edit_full_depth_32"] == pytest.approx(edit["seconds_per_edit"] * 16)
