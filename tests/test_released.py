@@ -155,3 +155,22 @@ def test_gpu_check_script_runs_on_cpu_at_tiny_size(tmp_path: Path):
     assert train["sequence_length"] == 37 and len(train["step_times_s"]) == 2 and torch.isfinite(torch.tensor(train["loss"]))
     assert train["planned_trunk_peak_gib"] > 0 and train["model_tflop_per_step"] > 0
     assert edit["seconds_per_edit"] > 0 and edit["seconds_per_edit_full_depth_32"] == pytest.approx(edit["seconds_per_edit"] * 16)
+
+
+def test_probe_released_weights(fixture_files: list[Path], synthetic_shards: dict, tmp_path: Path, capsys: pytest.CaptureFixture):
+    from tests.test_edit import _released_dir_from_fixture, fixture_shape_overrides
+    from varedit_lab.parity import load_fixture
+
+    fixture = load_fixture(next(p for p in fixture_files if "sar_256_d32" in p.name))
+    root = _released_dir_from_fixture(fixture, tmp_path / "released")
+    out = tmp_path / "probe"
+    args = ["probe", "--released", str(root), "--model", "2B-256", "--data", synthetic_shards["val"], "--layers", "0", "-1",
+            "--samples", "2", "--batch-size", "2", "--out", str(out)]
+    for item in fixture_shape_overrides(fixture):
+        args += ["--override", item]
+    assert main(args) == 0
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["config"]["model"] == "2B-256" and probe["config"]["image_size"] == 256
+    assert (out / "block_mass.png").is_file()
+    with pytest.raises(SystemExit, match="--released needs --data"):
+        main(["probe", "--released", str(root), "--model", "2B-256", "--out", str(out)])
