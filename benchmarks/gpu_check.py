@@ -119,7 +119,7 @@ def train_check(args: argparse.Namespace, cfg: Any, device: torch.device) -> dic
     step = statistics.median(times[WARMUP:] or times)
     flops = train_step_flops(tcfg, plan.layout, TEXT_LEN, args.batch)
     peak = PEAK_TFLOPS.get(next((k for k in PEAK_TFLOPS if device.type == "cuda" and k in torch.cuda.get_device_name()), ""), None)
-    planned = train_memory(model_shape(cfg), cfg, args.batch, True, 1)
+    planned = train_memory(model_shape(cfg), cfg, args.batch, True, 1, TEXT_LEN)
     measured = torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else None
     return {
         "loss": float(loss), "step_time_s": step, "step_times_s": times, "tokens_per_s": args.batch * plan.layout.length / step,

@@ -37,6 +37,7 @@ CONFIGS = {
           "data.batch_size=2", "text.tiny_d_model=256", "text.tiny_d_ff=512"],
 }
 TOLERANCE = 0.15
+TEXT_TOKENS = 16  # instruction length of the measured steps (and of the plan they are compared with)
 
 
 def check_plan(name: str, overrides: list[str]) -> list[dict]:
@@ -44,8 +45,8 @@ def check_plan(name: str, overrides: list[str]) -> list[dict]:
     shape = model_shape(cfg)
     rows = []
     for checkpointing in (False, True):
-        measured = measure_train_peak(cfg, cfg.data.batch_size, checkpointing)["peak"]
-        planned = train_memory(shape, cfg, cfg.data.batch_size, checkpointing, 1)["trunk_peak"]
+        measured = measure_train_peak(cfg, cfg.data.batch_size, checkpointing, text_len=TEXT_TOKENS)["peak"]
+        planned = train_memory(shape, cfg, cfg.data.batch_size, checkpointing, 1, TEXT_TOKENS)["trunk_peak"]
         rows.append({"config": name, "checkpointing": checkpointing, "batch": cfg.data.batch_size, "tokens": shape.length,
                      "measured_bytes": measured, "planned_bytes": planned, "relative_error": planned / measured - 1,
                      "within_tolerance": abs(planned / measured - 1) <= TOLERANCE})

@@ -9,7 +9,9 @@ width H, sequence length L and T target tokens, per sample:
 
 * each block saves ``20 C + 2 H`` values per token (fp32 runs); the last block computes outputs
   only for the T target rows: ``8 C L + (12 C + 2 H) T``;
-* outside the blocks: ``L C + 2 T C + 3 T V`` (embedded input, head norm in/out, logits and loss);
+* outside the blocks: ``L C + 2 T C + 3 T V`` (embedded input, head norm in/out, logits and loss),
+  and the text path ``Lt (3 Ct + 3 C)`` for ``Lt`` text tokens of width ``Ct``; each block's
+  cross-attention keeps ``3 Lt C`` (its text input and keys/values);
 * with checkpointing a block keeps only its input (``L C``) and one block is recomputed at a time;
 * the forward ends with one FFN-hidden buffer in flight (``L H``);
 * under ``bf16-mixed`` the matmul operands are saved in bf16, the residual-stream tensors (6 C per
@@ -91,6 +93,7 @@ class Shape:
     length: int  # L: source + target tokens of one sample
     targets: int  # T
     logit_width: int  # V = 2 d'
+    text_channels: int  # Ct
     params: int
     trainable: int
     block_params: int
@@ -132,7 +135,7 @@ def model_shape(cfg: Any) -> Shape:
     widest = max(arch.base_ch * m * (side // 2**i) ** 2 for i, m in enumerate(arch.encoder_ch_mult))
     return Shape(
         width=tcfg.width, mlp_hidden=tcfg.mlp_hidden, depth=tcfg.depth, length=layout.length, targets=schedule.total,
-        logit_width=2 * tcfg.token_channels, params=params, trainable=params - frozen, block_params=_count(model.blocks[0]),
+        logit_width=2 * tcfg.token_channels, text_channels=tcfg.text_channels, params=params, trainable=params - frozen, block_params=_count(model.blocks[0]),
         text_params=text_params, text_bytes=text_params * _DTYPE_BYTES[cfg.text.dtype], vae_params=_count(vae),
         vae_transient_per_sample=2 * 3 * widest * 4,  # source and target, ~3 live maps each, fp32
     )
@@ -143,8 +146,9 @@ def _world(cfg: Any, gpus_per_node: int) -> int:
     return devices * cfg.trainer.num_nodes
 
 
-def train_memory(shape: Shape, cfg: Any, batch: int, checkpointing: bool, world: int) -> dict[str, float]:
-    """Bytes per device of one training step at ``batch`` samples per device."""
+def train_memory(shape: Shape, cfg: Any, batch: int, checkpointing: bool, world: int, text_tokens: int = 32) -> dict[str, float]:
+    """Bytes per device of one training step at ``batch`` samples per device with instructions of
+    ``text_tokens`` T5 tokens."""
     precision = str(cfg.trainer.precision)
     mixed = precision.startswith("bf16-mixed") or precision.startswith("16-mixed")
     half_params = precision in ("bf16-true", "16-true", "bf16", "16")
@@ -162,8 +166,9 @@ def train_memory(shape: Shape, cfg: Any, batch: int, checkpointing: bool, world:
         comm = shape.block_params * pb * 3
     autocast_cache = shape.params * 2 if mixed and shard == 1 else 0.0  # bf16 copies of the weights during the forward
     c, h, n_l, n_t, v = shape.width, shape.mlp_hidden, shape.length, shape.targets, shape.logit_width
-    other = (n_l * c + 2 * n_t * c + 3 * n_t * v) * 4 * batch
-    blocks = [shape.block_bytes(i == shape.depth - 1, mixed, act) * batch for i in range(shape.depth)]
+    other = (n_l * c + 2 * n_t * c + 3 * n_t * v + text_tokens * (3 * shape.text_channels + 3 * c)) * 4 * batch
+    cross_text = 3 * text_tokens * c * (2 if mixed else act) * batch
+    blocks = [shape.block_bytes(i == shape.depth - 1, mixed, act) * batch + cross_text for i in range(shape.depth)]
     block_input = n_l * c * 4 * batch
     in_flight = n_l * h * (2 if mixed else act) * batch
     if checkpointing:
@@ -194,10 +199,10 @@ def edit_memory(shape: Shape, batch: int, bf16: bool) -> dict[str, float]:
             "peak": weights + kv_cache + shape.text_bytes + shape.vae_params * 4 + shape.vae_transient_per_sample * batch / 2}
 
 
-def largest_batch(shape: Shape, cfg: Any, checkpointing: bool, world: int, memory: int) -> int:
+def largest_batch(shape: Shape, cfg: Any, checkpointing: bool, world: int, memory: int, text_tokens: int = 32) -> int:
     """The most samples per device whose step peak stays ``RESERVE_BYTES`` under ``memory``."""
     def fits(batch: int) -> bool:
-        return train_memory(shape, cfg, batch, checkpointing, world)["peak"] + RESERVE_BYTES <= memory
+        return train_memory(shape, cfg, batch, checkpointing, world, text_tokens)["peak"] + RESERVE_BYTES <= memory
 
     if not fits(1):
         return 0
@@ -210,23 +215,23 @@ def largest_batch(shape: Shape, cfg: Any, checkpointing: bool, world: int, memor
     return low
 
 
-def memory_plan(cfg: Any, gpu_mem: int | None = None, gpus_per_node: int = 8) -> dict[str, Any]:
+def memory_plan(cfg: Any, gpu_mem: int | None = None, gpus_per_node: int = 8, text_tokens: int = 32) -> dict[str, Any]:
     """The plan of a run config (see the module docstring); sizes in bytes."""
     shape = model_shape(cfg)
     world = _world(cfg, gpus_per_node)
     batch = int(cfg.data.batch_size)
     plan: dict[str, Any] = {
         "shape": asdict(shape), "strategy": str(cfg.trainer.strategy), "precision": str(cfg.trainer.precision),
-        "world_size": world, "batch_per_device": batch,
-        "train": {"checkpointing": train_memory(shape, cfg, batch, True, world),
-                  "no_checkpointing": train_memory(shape, cfg, batch, False, world)},
+        "world_size": world, "batch_per_device": batch, "text_tokens": text_tokens,
+        "train": {"checkpointing": train_memory(shape, cfg, batch, True, world, text_tokens),
+                  "no_checkpointing": train_memory(shape, cfg, batch, False, world, text_tokens)},
         "edit_batch1": edit_memory(shape, 1, bf16=str(cfg.trainer.accelerator) != "cpu"),
         "configured_checkpointing": bool(cfg.model.activation_checkpointing),
     }
     if gpu_mem:
         plan["gpu_mem"] = gpu_mem
-        plan["largest_batch"] = {"checkpointing": largest_batch(shape, cfg, True, world, gpu_mem),
-                                 "no_checkpointing": largest_batch(shape, cfg, False, world, gpu_mem)}
+        plan["largest_batch"] = {"checkpointing": largest_batch(shape, cfg, True, world, gpu_mem, text_tokens),
+                                 "no_checkpointing": largest_batch(shape, cfg, False, world, gpu_mem, text_tokens)}
     return plan
 
 
