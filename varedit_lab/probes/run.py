@@ -130,7 +130,6 @@ def probe_checkpoint(
     and last probed layer when they fit ``max_map_bytes``; ``[]``: none. ``overrides``: config overrides for the rebuilt module
     (e.g. ``tokenizer.checkpoint=/elsewhere/tokenizer.pt`` when the run moved).
     """
-    from varedit_lab.config import to_dict
     from varedit_lab.module import EditorModule
 
     ckpt = Path(ckpt)
@@ -142,16 +141,57 @@ def probe_checkpoint(
         # tokenizer file it is a fresh random one, not the one the editor was trained with.
         warnings.warn(f"{ckpt}: the run used an untrained tokenizer (tokenizer.checkpoint=null), which checkpoints do "
                       "not store; the probe tokenizes with a new random one", UserWarning, stacklevel=2)
+    return _probe_and_write(module, {"checkpoint": str(ckpt.resolve())}, data, layers, heads, num_samples=num_samples,
+                            batch_size=batch_size, radius=radius, maps=maps, out_dir=out_dir, max_map_bytes=max_map_bytes)
+
+
+def probe_released(
+    released: str | Path,
+    model: str | None,
+    data: Any,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    *,
+    num_samples: int = 8,
+    batch_size: int = 8,
+    radius: float = 1.0,
+    maps: MapSpec = None,
+    out_dir: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    device: str | torch.device | None = "cpu",
+    max_map_bytes: int = DEFAULT_MAP_BYTES,
+) -> ProbeResult:
+    """Probe released VAREdit weights (a folder in the released layout or the hub id, plus ``model``,
+    e.g. ``2B-512``) on the shards ``data``, at the model's resolution; as :func:`probe_checkpoint`."""
+    from varedit_lab.module import EditorModule
+    from varedit_lab.released import released_config, resolve_released
+
+    if data is None:
+        raise ValueError("released weights carry no data config: pass the shards to probe (data=... / --data)")
+    files = resolve_released(released, model=model)
+    target = _resolve_device(device)
+    cfg = released_config(files, [f"data.image_size={files.resolution}", *overrides], target)
+    module = EditorModule(cfg).to(target)
+    source = {"released": str(files.transformer.resolve()), "model": files.transformer.stem}
+    return _probe_and_write(module, source, data, layers, heads, num_samples=num_samples, batch_size=batch_size,
+                            radius=radius, maps=maps, out_dir=out_dir, max_map_bytes=max_map_bytes)
+
+
+def _probe_and_write(module: Any, source: dict[str, Any], data: Any, layers: Sequence[int] | None, heads: Sequence[int] | None,
+                     *, num_samples: int, batch_size: int, radius: float, maps: MapSpec, out_dir: str | Path | None,
+                     max_map_bytes: int) -> ProbeResult:
+    from varedit_lab.config import to_dict
+
     if data is None:
         data = module.cfg.data.val_shards
         if data is None:
-            raise ValueError(f"{ckpt}: its config has no data.val_shards; pass the shards to probe (data=... / --data)")
+            raise ValueError(f"{next(iter(source.values()))}: its config has no data.val_shards; pass the shards to probe (data=... / --data)")
     items = load_samples(data, num_samples, int(module.cfg.data.image_size), int(module.cfg.data.min_side))
     result = probe_module(module, items, layers, heads, batch_size=batch_size, radius=radius, maps=maps,
                           max_map_bytes=max_map_bytes)
     if out_dir is not None:
         config = {
-            "checkpoint": str(ckpt.resolve()),
+            **source,
             "data": _spec_for_json(data),
             "num_samples": len(items),
             "sample_keys": [item["key"] for item in items],
