@@ -258,7 +258,9 @@ def layer_rows(result: ProbeResult) -> list[dict[str, Any]]:
         structural = not scales
         if structural:
             scales = list(range(len(al.scale_labels)))
-        pick = lambda t: [float(t[s]) for s in scales]  # noqa: E731
+        def pick(values: torch.Tensor) -> list[float]:
+            return [float(values[s]) for s in scales]
+
         lifts = [x for x in pick(al.lift) if math.isfinite(x)]
         local = al.local_scales()
         rows.append({
@@ -280,7 +282,9 @@ def layer_rows(result: ProbeResult) -> list[dict[str, Any]]:
 
 def to_dict(result: ProbeResult) -> dict[str, Any]:
     """JSON-ready: the verdicts, the rule constant and the per-layer rows."""
-    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+    def clean(value: Any) -> Any:  # JSON has no NaN
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
     return {
         "min_lift": MIN_LIFT,
         "strategy": dict(result.layout.description),
