@@ -8,9 +8,12 @@ Probes the first --samples samples of --data (default: the validation shards of 
 config; required with --released, a folder in the released layout or the hub id HiDream-ai/VAREdit), teacher-forced, and writes DIR/probe.json (block attention mass per query x key block,
 locality, diagonality and entropy per layer and head, with the probe settings, the strategy, the
 checkpoint and its run config) and DIR/block_mass.png, DIR/locality.png and, when full maps were kept,
-DIR/attention_maps.png (the paper's figure). --maps LAYER ... keeps the whole-sequence head-mean maps
+DIR/attention_maps.png (the paper's figure), and DIR/alignment.md + DIR/alignment.png: the paper's
+Fig. 3 statement (layer 1 on the corresponding and coarser source scales, deeper layers local and
+diagonal on the finest source) next to this model's numbers, with a verdict per claim. --maps LAYER ... keeps the whole-sequence head-mean maps
 of those layers (default: the first and last probed layer, skipped when over the byte budget; --maps
-with no layer keeps none). A table of first-vs-last-layer means is printed at the end.
+with no layer keeps none). A table of first-vs-last-layer means and the Fig. 3 verdicts are printed
+at the end.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    from varedit_lab.probes.alignment import verdicts
     from varedit_lab.probes.compare import summary_markdown
     from varedit_lab.probes.run import probe_checkpoint, probe_released
 
@@ -74,7 +78,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     whole_maps = any(head is None and len(blocks) == result.layout.num_blocks for _, head, blocks in result.maps)
     written = ["probe.json", "block_mass.png", "locality.png"] + (["attention_maps.png"] if whole_maps else [])
+    written += ["alignment.md", "alignment.png"]
     print(f"probed layers {result.layers} of {result.layout.description.get('name')}: wrote {', '.join(written)} to {out}",
           file=sys.stderr)
     print(summary_markdown({str(result.layout.description.get("name")): result}), end="")
+    print("\nPaper's Fig. 3 statement vs this model (details: alignment.md):")
+    for verdict in verdicts(result):
+        print(f"- {verdict.claim}: {verdict.outcome.upper()} ({verdict.evidence})")
     return 0
