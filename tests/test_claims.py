@@ -365,3 +365,18 @@ def test_cost_json_written_by_eval_cost_is_what_the_report_reads(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"strategies": {"sar": {"edit_s": "fast"}}}))
     with pytest.raises(SweepError, match="strategies.sar.edit_s must be a number"):
         read_cost_file(tmp_path / "bad.json")
+
+
+def test_report_shows_each_strategys_validation_edits(report_dir):
+    """The same validation samples edited by each strategy's lowest-seed run, its newest grid."""
+    from PIL import Image
+
+    for run in sorted((report_dir / "runs").iterdir()):
+        for step in (2, 4):
+            (run / "val_edits").mkdir(exist_ok=True)
+            Image.new("RGB", (4, 4)).save(run / "val_edits" / f"step{step:06d}.png")
+    report = write_report(report_dir, wandb=False)["report"].read_text()
+    section = report.split("## Validation edits per strategy", 1)[1]
+    for label in ("max_scale", "sar", "full_scale"):
+        assert f"**{label}** (`{label}-s0`, step000004)" in section, label
+        assert f"](runs/{label}-s0/val_edits/step000004.png)" in section

@@ -427,3 +427,25 @@ def cost_section(cost: Cost) -> list[str]:
     where = f"from `{cost.source}`" + (f" ({cost.machine})" if cost.machine else "") if cost.source != "runs" else "from the runs"
     lines = ["", f"## Cost per strategy ({where})", ""] + _table(["strategy", *(label for _, label, _ in fields)], rows)
     return lines + (["", cost.note] if cost.note else [])
+
+
+def edits_section(groups: Sequence[GroupLike], sweep_dir: Path) -> list[str]:
+    """The last validation grid of each group's lowest-seed run, one under the other: the same
+    validation samples edited by every strategy (rows: source | target | edit)."""
+    lines: list[str] = []
+    for group in groups:
+        runs = sorted(group.completed, key=lambda r: (r.params.get("seed", 0), r.name))
+        run = next((r for r in runs if r.run_dir is not None and list(Path(r.run_dir).glob("val_edits/*.png"))), None)
+        if run is None:
+            continue
+        grid = max(Path(run.run_dir).glob("val_edits/*.png"))
+        try:
+            where = grid.relative_to(sweep_dir)
+        except ValueError:
+            where = grid
+        lines += [f"**{group.label}** (`{run.name}`, {grid.stem})", "", f"![{group.label} validation edits]({where.as_posix()})", ""]
+    if not lines:
+        return []
+    return ["", "## Validation edits per strategy", "",
+            "The same validation samples, edited by each strategy's lowest-seed run at its last validation "
+            "(each row: source | target | edit):", "", *lines]

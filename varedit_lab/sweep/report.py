@@ -39,6 +39,7 @@ from varedit_lab.sweep.evidence import (
     claims_section,
     cost_from_runs,
     cost_section,
+    edits_section,
     evaluate_claims,
     find_cost_file,
     kind_rows,
@@ -261,6 +262,7 @@ class Evidence:
     ce: list[str] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
     cost: list[str] = field(default_factory=list)
+    edits: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -308,7 +310,7 @@ def render_markdown(
     if baseline:
         lines += ["*copy source*: the unedited source through the tokenizer, scored like the edits (the bar to beat on success)."]
     lines += _scale_section(groups, results)
-    lines += evidence.ce + evidence.kinds + evidence.cost
+    lines += evidence.ce + evidence.kinds + evidence.cost + evidence.edits
     lines += _paired_section(groups, keys, metric or "val/balance")
     lines += _best_section(groups, metric, goal)
     if images:
@@ -609,6 +611,7 @@ def gather_evidence(sweep_dir: Path, state: SweepState, results: list[RunResult]
         ce=ce_scale_section(groups, scales),
         kinds=kind_section(kinds),
         cost=cost_section(cost),
+        edits=edits_section(groups, sweep_dir),
     )
     if source is None:
         evidence.notes.append(f"- no declared claims (put them in `{Path(state.sweep_file or 'SWEEP').stem}.claims.yaml` beside the sweep file)")
