@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.strategies import Strategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig
 
 from varedit_lab.callbacks import PENDING_ROW_KEY, RunCheckpoint, RunSummary, StepTimer, ValidateAtEnd
@@ -159,6 +159,10 @@ def build_loggers(cfg: DictConfig, folder: RunFolder | Path, name: str, resume: 
     loggers: list[Logger] = [HistoryCSVLogger(folder.path, keep_until_step=resume.step - 1 if resume else None,
                                                    pending_row=resume.pending_row if resume else None)]
     mode = wandb_mode(cfg)
+    log_model = log_model_setting(cfg.logger.log_model)
+    if log_model and mode == "offline":  # WandbLogger refuses the pair: artifacts need a server
+        rank_zero_warn(f"logger.log_model={cfg.logger.log_model} needs W&B online; offline, checkpoints stay in {folder.checkpoints}")
+        log_model = False
     if mode != "disabled":
         loggers.append(
             WandbLogger(
@@ -168,7 +172,7 @@ def build_loggers(cfg: DictConfig, folder: RunFolder | Path, name: str, resume: 
                 tags=list(cfg.logger.tags),
                 save_dir=str(folder.path),
                 offline=mode == "offline",
-                log_model=log_model_setting(cfg.logger.log_model),
+                log_model=log_model,
                 config=to_dict(cfg),
             )
         )
