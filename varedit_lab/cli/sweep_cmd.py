@@ -4,6 +4,7 @@ Forms (the first word picks the action; a file name alone means ``run``)::
 
     varedit-lab sweep [run] FILE.yaml [key=value ...] [--max-runs N] [--parallel K] [--dry-run]
                                       [--retry-failed] [--dir DIR] [--no-report] [--allow-custom-command]
+                                      [--launcher local|submitit] [--launcher-config YAML]
     varedit-lab sweep report DIR [--no-wandb]
     varedit-lab sweep validate FILE.yaml [FILE.yaml ...]
 
@@ -22,7 +23,15 @@ ACTIONS = ("run", "report", "validate")
 def _add_options(parser: argparse.ArgumentParser) -> None:
     # Defaults are None so that options given before and after FILE can be merged (see _parse).
     parser.add_argument("--max-runs", type=int, metavar="N", help="run at most N runs (required for random/bayes unless the file sets run_cap)")
-    parser.add_argument("--parallel", type=int, metavar="K", help="run K runs at once, each limited to cpu_count // K threads (default 1)")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        metavar="K",
+        help="run K runs at once (default 1): on GPUs each gets its own CUDA_VISIBLE_DEVICES (trainer.devices of them); "
+        "on CPU each is limited to cpu_count // K threads",
+    )
+    parser.add_argument("--launcher", choices=("local", "submitit"), help="local: a process per run (default) · submitit: a SLURM job per run")
+    parser.add_argument("--launcher-config", type=Path, metavar="YAML", help="submitit executor parameters (default experiments/launch/submitit.yaml)")
     parser.add_argument("--dry-run", action="store_true", default=None, help="print each run's command (and whether it would run); start nothing")
     parser.add_argument("--retry-failed", action="store_true", default=None, help="run failed runs again (completed runs are always skipped)")
     parser.add_argument("--dir", type=Path, metavar="DIR", help="sweep directory (default runs/sweeps/<sweep name>)")
@@ -99,6 +108,8 @@ def _run(file: str, overrides: list[str], opts: argparse.Namespace) -> int:
         overrides=overrides,
         report=not opts.no_report,
         report_wandb=not opts.no_wandb,
+        launcher=opts.launcher or "local",
+        launcher_config=opts.launcher_config,
     )
     return run_sweep(spec, options).exit_code
 

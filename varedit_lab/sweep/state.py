@@ -47,6 +47,8 @@ class RunRecord:
     log: str = ""  # relative to the sweep dir
     exit_code: int | None = None
     pid: int | None = None  # of the latest attempt's process
+    job_id: str | None = None  # of the latest attempt's submitit job (--launcher submitit)
+    gpus: list[str] | None = None  # CUDA_VISIBLE_DEVICES of the latest attempt (None: not set)
     attempts: int = 0
     started: str | None = None
     finished: str | None = None
