@@ -6,6 +6,7 @@ Forms (the first word picks the action; a file name alone means ``run``)::
                                       [--retry-failed] [--dir DIR] [--no-report] [--allow-custom-command]
                                       [--launcher local|submitit] [--launcher-config YAML]
     varedit-lab sweep report DIR [--no-wandb]
+    varedit-lab sweep report --wandb ENTITY/PROJECT/SWEEP_ID [--dir DIR] [--no-wandb]
     varedit-lab sweep validate FILE.yaml [FILE.yaml ...]
 
 ``key=value`` after FILE applies to every run (e.g. ``trainer.max_steps=50``). The same FILE works
@@ -36,6 +37,12 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-failed", action="store_true", default=None, help="run failed runs again (completed runs are always skipped)")
     parser.add_argument("--dir", type=Path, metavar="DIR", help="sweep directory (default runs/sweeps/<sweep name>)")
     parser.add_argument("--no-report", action="store_true", default=None, help="skip summary.csv/report.md/plots at the end")
+    parser.add_argument(
+        "--wandb",
+        dest="wandb_sweep",
+        metavar="ENTITY/PROJECT/SWEEP_ID",
+        help="report: read the runs of this W&B sweep from the server (wandb.Api) instead of a local DIR",
+    )
     parser.add_argument("--no-wandb", action="store_true", default=None, help="do not log the report to W&B")
     parser.add_argument(
         "--allow-custom-command",
@@ -79,8 +86,12 @@ def run(args: argparse.Namespace) -> int:
     action, words, opts = _parse(args)
     parser: argparse.ArgumentParser = args._sweep_parser
     if action == "report":
+        if opts.wandb_sweep:
+            if words:
+                parser.error("usage: varedit-lab sweep report --wandb ENTITY/PROJECT/SWEEP_ID [--dir DIR]")
+            return _report_wandb(opts.wandb_sweep, opts.dir, wandb=not opts.no_wandb)
         if len(words) != 1:
-            parser.error("usage: varedit-lab sweep report DIR")
+            parser.error("usage: varedit-lab sweep report DIR  (or: report --wandb ENTITY/PROJECT/SWEEP_ID)")
         return _report(Path(words[0]), wandb=not opts.no_wandb)
     if action == "validate":
         if not words:
@@ -120,6 +131,18 @@ def _report(sweep_dir: Path, wandb: bool) -> int:
     paths = write_report(sweep_dir, wandb=wandb)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    return 0
+
+
+def _report_wandb(path: str, sweep_dir: Path | None, wandb: bool) -> int:
+    from varedit_lab.sweep import write_report
+    from varedit_lab.sweep.runner import DEFAULT_ROOT
+    from varedit_lab.sweep.wandb_source import load_wandb_results, split_sweep_path
+
+    source = load_wandb_results(path)
+    folder = sweep_dir or DEFAULT_ROOT / f"wandb-{split_sweep_path(path)[2]}"
+    for name, written in write_report(folder, wandb=wandb, source=source).items():
+        print(f"{name}: {written}")
     return 0
 
 
