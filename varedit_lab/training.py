@@ -3,7 +3,9 @@
 The run directory ``{output_dir}/{name}`` holds ``config.yaml`` (the resolved config), ``metrics.csv``
 (CSVLogger), the W&B run (offline by default), ``checkpoints/`` (``last.ckpt`` every
 ``trainer.checkpoint_every_n_steps`` plus the best by ``trainer.checkpoint_monitor``), validation
-edit grids and ``summary.json``. ``resume=auto`` continues from ``checkpoints/last.ckpt``.
+edit grids and ``summary.json``. ``resume=auto`` continues from the newest of ``checkpoints/last.ckpt``
+and Lightning's SLURM requeue checkpoint ``hpc_ckpt_N.ckpt``. Extra Trainer arguments and callbacks
+come from ``trainer.extra`` / ``trainer.callbacks`` (:mod:`varedit_lab.trainer_options`).
 """
 
 from __future__ import annotations
