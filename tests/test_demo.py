@@ -13,14 +13,20 @@ from varedit_lab import demo
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the demo writes data/ and runs/ under the working directory
-    smoke = demo.DemoPlan("sweeps/conditioning_ablation_quick.yaml", tokenizer_steps=4, editor_steps=4, val_every=4,
-                          train_samples=96, overrides=("sampling.num_val_edits=4", "data.val_samples=8", "data.batch_size=8"))
+    smoke = demo.DemoPlan("sweeps/conditioning_ablation_quick.yaml", "flat", 64, "tokenizer/synthetic64.yaml", "synthetic/base.yaml",
+                          tokenizer_steps=4, editor_steps=4, val_every=4, train_samples=96, precompute=True, measure_cost=True,
+                          shared_tokenizer=False, overrides=("sampling.num_val_edits=4", "data.val_samples=8", "data.batch_size=8",
+                                                             "text.kind=words", "model.depth=2", "model.width=64"))
     monkeypatch.setitem(demo.MODES, "smoke", smoke)
     log = io.StringIO()
     summary = demo.run_demo("smoke", tmp_path / "runs" / "demo", parallel=2, out=log)
 
     assert summary["sweep_exit_code"] == 0, log.getvalue()
-    assert set(summary["stage_minutes"]) == {"data", "tokenizer", "sweep", "probes"}
+    assert set(summary["stage_minutes"]) == {"data", "tokenizer", "precompute", "cost", "sweep", "probes"}
+    cost = json.loads((tmp_path / "runs" / "demo" / "smoke" / "sweep" / "cost.json").read_text())
+    assert set(cost["strategies"]) == {"full_scale", "max_scale", "sar"}
+    assert cost["strategies"]["full_scale"]["seq_len"] > cost["strategies"]["sar"]["seq_len"] == cost["strategies"]["max_scale"]["seq_len"]
+    assert (tmp_path / "data" / "synthetic64" / "precomputed" / "precompute.json").is_file()
     report = (tmp_path / summary["report"]).read_text()  # absolute paths stay absolute
     for strategy in ("full_scale", "max_scale", "sar"):
         assert strategy in report
@@ -33,7 +39,7 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch) -> None:
     again = io.StringIO()
     demo.run_demo("smoke", tmp_path / "runs" / "demo", parallel=2, out=again)
     text = again.getvalue()
-    assert "data: reusing" in text and "tokenizer: reusing" in text
+    assert "data: reusing" in text and "tokenizer: reusing" in text and "precompute: reusing" in text and "cost: reusing" in text
     assert "3 runs, 3 done, 0 queued" in text  # the sweep skips completed runs
 
     # a mode that wants more training pairs than the folder holds regenerates it
