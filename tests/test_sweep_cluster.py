@@ -92,13 +92,27 @@ def test_cpu_runs_get_no_gpu_slot(tmp_path):
 # -- early_terminate -----------------------------------------------------------------------------
 
 
-def test_early_terminate_is_refused_by_the_local_runner_not_ignored(tmp_path):
-    path = write_sweep(tmp_path, early_terminate={"type": "hyperband", "min_iter": 3})
-    spec = load_sweep(path, allow_custom_command=True)  # a valid file for a W&B server
-    for dry in (True, False):
-        with pytest.raises(SweepError, match=r"early_terminate: the local runner does not stop runs early.*wandb agent"):
-            run_sweep(spec, SweepOptions(sweep_dir=tmp_path / "sweep", report=False, dry_run=dry))
-    assert not (tmp_path / "sweep").exists()
+def test_early_terminate_hyperband_kills_the_run_below_the_bracket_cut(tmp_path, monkeypatch, capsys):
+    # val/balance (maximised) is 0.62, 0.64, 0.66 for seeds 0, 1, 2, logged at every row while the runs go;
+    # brackets at 2, 4, 8, 16 values keep the best half of the runs that reached them: seed 0 goes at 2.
+    path = write_sweep(tmp_path, early_terminate={"type": "hyperband", "min_iter": 2, "eta": 2},
+                       metric={"name": "val/balance", "goal": "maximize"})
+    spec = load_sweep(path, allow_custom_command=True)
+    monkeypatch.setenv("FAKE_TRAIN_ROW_SLEEP", "0.15")
+    options = SweepOptions(parallel=3, sweep_dir=tmp_path / "sweep", report=False, overrides=["trainer.max_steps=40"], poll_s=0.05)
+    result = run_sweep(spec, options)
+    runs = records(tmp_path / "sweep")
+    assert {n: r["status"] for n, r in runs.items()} == {"sar-s0": "stopped", "sar-s1": "completed", "sar-s2": "completed"}
+    assert result.exit_code == 0 and "stopped by early_terminate (hyperband on val/balance)" in capsys.readouterr().out
+    stopped_rows = (tmp_path / "sweep" / "runs" / "sar-s0" / "metrics.csv").read_text().count("\n") - 1
+    assert 3 <= stopped_rows < 20  # past the first bracket (2), killed well before its 20 rows
+    assert run_sweep(spec, options).launched == []  # a stopped run is not run again
+
+
+def test_early_terminate_needs_a_metric(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, early_terminate={"type": "hyperband", "min_iter": 2}), allow_custom_command=True)
+    with pytest.raises(SweepError, match=r"early_terminate: hyperband needs metric.name"):
+        run_sweep(spec, SweepOptions(sweep_dir=tmp_path / "sweep", report=False, dry_run=True))
 
 
 # -- submitit ------------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ everything in ``<sweep_dir>/sweep.json`` (see :mod:`varedit_lab.sweep.state`).
 A run is *completed* when its process exits 0 and its ``summary.json`` says ``completed``; rerunning
 the sweep skips completed runs, re-runs interrupted ones and retries failed ones only with
 ``retry_failed``.
+
+On a GPU machine ``--parallel K`` gives every run its own ``CUDA_VISIBLE_DEVICES`` (``trainer.devices``
+GPUs each; :mod:`.gpus`); ``--launcher submitit`` submits each run as a cluster job instead
+(:mod:`.launchers`); a sweep's ``early_terminate`` (hyperband) kills runs below a bracket's cut
+(:mod:`.early_stop`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any, Iterator, TextIO
 from omegaconf import DictConfig
 
 from varedit_lab.config import ConfigError, experiments_dir, load_config
+from varedit_lab.sweep.early_stop import STOPPED, check_early_terminate, runs_to_stop
 from varedit_lab.sweep.gpus import GpuPool, gpus_needed, plan_slots, visible_gpus
 from varedit_lab.sweep.launchers import DEFAULT_SUBMITIT_PRESET, LAUNCHERS, LocalProcess, RunHandle, SubmititLauncher, submitit_launcher
 from varedit_lab.sweep.plan import Proposal, cap_for, grid_proposals, propose
@@ -110,16 +116,6 @@ def run_gpus(options: SweepOptions) -> list[str]:
     if options.launcher != "local":
         return []
     return list(options.gpus) if options.gpus is not None else visible_gpus()
-
-
-def check_local_support(spec: SweepSpec) -> None:
-    """Fields of the file this runner cannot honour fail here instead of being ignored."""
-    if spec.raw.get("early_terminate") is not None:
-        raise SweepError(
-            f"{spec.path or spec.name}: early_terminate: the local runner does not stop runs early, and would ignore it; "
-            "remove it to run locally (every run trains to the end), or run the file on a W&B server "
-            "(wandb sweep FILE; wandb agent ID), which applies it"
-        )
 
 
 def _check_overrides(spec: SweepSpec, overrides: list[str]) -> None:
@@ -210,6 +206,8 @@ class _Progress:
         took = format_duration(record.duration_s or 0.0)
         if record.status == "completed":
             self._print(f"[{self.done}/{self.total}] {record.name} completed in {took}{eta}")
+        elif record.status == "stopped":
+            self._print(f"[{self.done}/{self.total}] {record.name} {record.error} after {took}{eta}")
         else:
             self._print(f"[{self.done}/{self.total}] {record.name} FAILED ({record.error}) in {took}{eta}")
             self._print(f"    log: {record.log}")
@@ -227,6 +225,7 @@ class _Active:
     process: RunHandle
     log: TextIO | None
     start: float
+    stopped: bool = False  # killed by early_terminate
 
 
 def _launch(record: RunRecord, sweep_dir: Path, env: dict[str, str], gpus: list[str] | None, launcher: SubmititLauncher | None) -> _Active:
@@ -324,6 +323,7 @@ class _Queue:
         self.cap = cap_for(spec, options.max_runs)
         self.pending: deque[RunRecord] = deque()
         self.gpu_ids = run_gpus(options)
+        self.early_terminate = check_early_terminate(spec)
         self.gpus_needed: dict[str, int] = {}
         self.total = self.done = 0
 
@@ -492,7 +492,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, out: TextIO | None = None)
         raise SweepError(f"--parallel must be >= 1, got {options.parallel}")
     if options.launcher not in LAUNCHERS:
         raise SweepError(f"--launcher is {options.launcher!r}; valid: {list(LAUNCHERS)}")
-    check_local_support(spec)
+    check_early_terminate(spec)
     _check_overrides(spec, options.overrides)
     sweep_dir = (options.sweep_dir or default_sweep_dir(spec)).resolve()
     if options.dry_run:
@@ -576,12 +576,25 @@ def _loop(
         if not active:
             return
         time.sleep(options.poll_s)
+        if queue.early_terminate:
+            _early_terminate(queue, active, sweep_dir)
         for item in [a for a in active if a.process.poll() is not None]:
             active.remove(item)
             pool.release(item.record.gpus)
             _finish(item, sweep_dir)
+            if item.stopped:
+                item.record.status = STOPPED
+                item.record.error = f"stopped by early_terminate (hyperband on {queue.spec.metric['name']})"  # type: ignore[index]
             progress.finished(item.record)
             yield
+
+
+def _early_terminate(queue: _Queue, active: list[_Active], sweep_dir: Path) -> None:
+    """Kill the process group of every active run hyperband stops at its current bracket."""
+    running = {a.record.name: a for a in active if not a.stopped and a.process.poll() is None}
+    for name in runs_to_stop(queue.spec, queue.state.runs, sweep_dir, set(running)):
+        running[name].stopped = True
+        running[name].process.kill()
 
 
 def _install_signal_handlers() -> dict[int, Any]:

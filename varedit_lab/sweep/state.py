@@ -29,8 +29,9 @@ STATE_FILE = "sweep.json"
 STATE_VERSION = 1
 # pending: not started · running: a process is (or was, if the runner died) working on it ·
 # completed: summary.json says so · failed: non-zero exit or no completed summary ·
-# interrupted: stopped by Ctrl-C/SIGTERM (run again by the next invocation, unlike failed).
-STATUSES = ("pending", "running", "completed", "failed", "interrupted")
+# interrupted: stopped by Ctrl-C/SIGTERM (run again by the next invocation, unlike failed) ·
+# stopped: ended early by the sweep's early_terminate (hyperband); kept, never rerun.
+STATUSES = ("pending", "running", "completed", "failed", "interrupted", "stopped")
 
 
 def now() -> str:
