@@ -22,13 +22,13 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch) -> None:
     summary = demo.run_demo("smoke", tmp_path / "runs" / "demo", parallel=2, out=log)
 
     assert summary["sweep_exit_code"] == 0, log.getvalue()
-    assert set(summary["stage_minutes"]) == {"data", "tokenizer", "precompute", "cost", "sweep", "probes"}
+    assert set(summary["stage_minutes"]) == {"data", "tokenizer", "precompute", "sweep", "cost", "report", "probes"}
     cost = json.loads((tmp_path / "runs" / "demo" / "smoke" / "sweep" / "cost.json").read_text())
-    assert set(cost["strategies"]) == {"full_scale", "max_scale", "sar"}
-    assert cost["strategies"]["full_scale"]["seq_len"] > cost["strategies"]["sar"]["seq_len"] == cost["strategies"]["max_scale"]["seq_len"]
+    assert set(cost["strategies"]) == {"full_scale_all", "max_scale", "sar", "text_only"}
+    assert cost["strategies"]["full_scale_all"]["seq_len"] > cost["strategies"]["sar"]["seq_len"] == cost["strategies"]["max_scale"]["seq_len"]
     assert (tmp_path / "data" / "synthetic64" / "precomputed" / "precompute.json").is_file()
     report = (tmp_path / summary["report"]).read_text()  # absolute paths stay absolute
-    for strategy in ("full_scale", "max_scale", "sar"):
+    for strategy in ("full_scale_all", "max_scale", "sar", "text_only"):
         assert strategy in report
     sweep_dir = tmp_path / "runs" / "demo" / "smoke" / "sweep"
     assert (sweep_dir / "summary.csv").is_file() and list(sweep_dir.glob("*.png"))
@@ -40,7 +40,7 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch) -> None:
     demo.run_demo("smoke", tmp_path / "runs" / "demo", parallel=2, out=again)
     text = again.getvalue()
     assert "data: reusing" in text and "tokenizer: reusing" in text and "precompute: reusing" in text and "cost: reusing" in text
-    assert "3 runs, 3 done, 0 queued" in text  # the sweep skips completed runs
+    assert "4 runs, 4 done, 0 queued" in text  # the sweep skips completed runs
 
     # a mode that wants more training pairs than the folder holds regenerates it
     monkeypatch.setitem(demo.MODES, "smoke", demo.DemoPlan(**{**smoke.__dict__, "train_samples": 120}))

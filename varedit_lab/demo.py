@@ -19,7 +19,7 @@ from varedit_lab.config import experiments_dir, load_config
 from varedit_lab.data.synth import write_synthetic_shards
 from varedit_lab.eval.cost import measure_cost, write_cost
 from varedit_lab.model.layout import ScaleSchedule
-from varedit_lab.sweep import SweepOptions, load_sweep, run_sweep
+from varedit_lab.sweep import SweepOptions, load_sweep, run_sweep, write_report
 from varedit_lab.sweep.spec import grid_values
 from varedit_lab.tokenizer import load_tokenizer
 from varedit_lab.tokenizer.precompute import MANIFEST, precompute_shards
@@ -200,9 +200,10 @@ def run_demo(mode: str = "full", root: str | Path = "runs/demo", parallel: int =
     stages.append(("tokenizer", lambda: tokenizer.setdefault("path", ensure_tokenizer(paths, plan, out))))
     if plan.precompute:
         stages.append(("precompute", lambda: ensure_precomputed(paths, plan, tokenizer["path"], out)))
-    if plan.measure_cost:
-        stages.append(("cost", lambda: str(ensure_cost(paths, plan, tokenizer["path"], sweep_arms(plan), out))))
     stages.append(("sweep", lambda: run_ablation(paths, plan, tokenizer["path"], parallel, out)))
+    if plan.measure_cost:  # after the sweep: the arms are timed alone on the machine, not beside its runs
+        stages.append(("cost", lambda: str(ensure_cost(paths, plan, tokenizer["path"], sweep_arms(plan), out))))
+        stages.append(("report", lambda: str(write_report(paths.sweep, wandb=False, out=out)["report"])))
     results: dict[str, Any] = {}
     for name, stage in stages:
         t0 = time.perf_counter()
@@ -239,9 +240,13 @@ def probe_best_run(run_dir: Path, out_dir: Path, out: TextIO) -> str:
     The best run's ``checkpoints/last.ckpt`` is probed on the first 8 validation samples of its own
     config (every layer) into ``out_dir/probe.json`` + PNGs. When the sweep's ``runs/`` folder also
     holds completed runs of other strategies, one run per strategy (the lowest seed) is probed into
-    ``out_dir/strategies/<run>/``; ``strategy_comparison.png`` and ``probes.md`` (first vs last layer
-    per strategy) compare them. Seconds per run on a CPU for the demo's models.
+    ``out_dir/strategies/<run>/`` (runs of one strategy with different options, e.g. full-scale
+    ``visibility`` all vs coarser, count as different strategies); ``strategy_comparison.png`` and
+    ``probes.md`` (first vs last layer per strategy) compare them, and ``probes.md`` ends with the
+    paper's Fig. 3 statement next to the full-scale model's numbers (``alignment_markdown``: the
+    paper's setting, visibility all, when the sweep has it). Seconds per run on a CPU for the demo's models.
     """
+    from varedit_lab.probes.alignment import alignment_markdown, is_paper_setting
     from varedit_lab.probes.compare import compare_strategies, summary_markdown
     from varedit_lab.probes.run import probe_checkpoint, runs_by_strategy
 
@@ -249,10 +254,11 @@ def probe_best_run(run_dir: Path, out_dir: Path, out: TextIO) -> str:
     settings: dict[str, Any] = {"num_samples": 8, "batch_size": 8}
     t0 = time.perf_counter()
     best = probe_checkpoint(run_dir / "checkpoints" / "last.ckpt", out_dir=out_dir, **settings)
-    best_strategy = str(best.layout.description.get("name"))
+    siblings = runs_by_strategy(run_dir.parent, prefer=run_dir)
+    best_strategy = next((label for label, run in siblings.items() if run == run_dir), str(best.layout.description.get("name")))
     _say(out, f"probes: {run_dir.name} ({best_strategy}) -> {out_dir} in {time.perf_counter() - t0:.0f} s")
     results, places = {best_strategy: best}, {best_strategy: (run_dir.name, ".")}
-    for strategy, run in runs_by_strategy(run_dir.parent, prefer=run_dir).items():
+    for strategy, run in siblings.items():
         if strategy in results:
             continue
         t0 = time.perf_counter()
@@ -267,15 +273,21 @@ def probe_best_run(run_dir: Path, out_dir: Path, out: TextIO) -> str:
     lines = ["# Attention probes (paper §3.2.2)", "",
              f"Best run `{run_dir.name}` ({best_strategy}); every layer, the first {settings['num_samples']} validation samples.", "",
              "| strategy | run | outputs |", "|---|---|---|"]
-    lines += [f"| {name} | `{places[name][0]}` | `{places[name][1]}/` (probe.json, PNGs) |" for name in results]
+    lines += [f"| {name} | `{places[name][0]}` | `{places[name][1]}/` (probe.json, PNGs, alignment.md) |" for name in results]
     lines += ["", "First → last layer, means over target scales 1..K-1 (SOS excluded):", "", summary_markdown(results).rstrip(), "",
               "The paper: layer 1 spreads its attention over the corresponding and coarser source scales (SAR: over",
-              "its own pooled reference, same-scale share 1); deeper layers are local (locality well above the",
-              "uniform value in parentheses, diagonality > 1) on the finest source. Tiny CPU models trained for a",
-              "few hundred steps need not show it; the numbers say what these models do."]
+              "its own pooled reference, a same-scale share of 1 that the mask fixes); deeper layers are local (locality",
+              "well above the uniform value in parentheses, diagonality > 1) on the finest source. The section below",
+              "decides this for the full-scale model(s) with declared rules; the numbers say what these models do."]
     if len(results) > 1:
         compare_strategies(results, out_dir / "strategy_comparison.png")
         lines += ["", "![strategy comparison](strategy_comparison.png)"]
+    # The paper's Fig. 3 model: full-scale with every source scale visible (else any full-scale model).
+    full = [name for name, r in results.items() if is_paper_setting(r.layout.description)]
+    full = full or [name for name, r in results.items() if r.layout.description.get("name") == "full_scale"]
+    for name in full:
+        image = "alignment.png" if places[name][1] == "." else f"{places[name][1]}/alignment.png"
+        lines += ["", alignment_markdown(results[name], image=image, num_samples=settings["num_samples"]).rstrip()]
     (out_dir / "probes.md").write_text("\n".join(lines) + "\n")
     _say(out, f"probes: {len(results)} strateg{'y' if len(results) == 1 else 'ies'} in {out_dir / 'probes.md'}")
     return str(out_dir)
