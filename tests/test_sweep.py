@@ -46,7 +46,7 @@ from varedit_lab.sweep.state import SweepState, locked, save_state
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = Path(__file__).with_name("sweep_fake_train.py")
-SWEEP_FILES = sorted((experiments_dir() / "sweeps").glob("*.yaml"))
+SWEEP_FILES = sorted(p for p in (experiments_dir() / "sweeps").glob("*.yaml") if not p.name.endswith(".claims.yaml"))  # claims: not sweep files
 T2 = 4.303  # t(0.975, 2): three seeds
 
 
