@@ -28,7 +28,9 @@ run's value plus ``0.01 (i - 3.5)`` (same mean), and the remaining contract fiel
 
 Environment: ``FAKE_TRAIN_CRASH_SEEDS`` (default "13") and ``FAKE_TRAIN_CRASH_NAMES`` (run names):
 runs that crash (exit 3 after a traceback-like message, with a "failed" summary.json);
-``FAKE_TRAIN_SLEEP``: seconds to sleep before writing the summary (interrupt tests).
+``FAKE_TRAIN_SLEEP``: seconds to sleep before writing the summary (interrupt tests);
+``FAKE_TRAIN_ROW_SLEEP``: write ``metrics.csv`` row by row, this many seconds apart, each row also
+carrying the run's final ``val/balance`` (early-termination tests: a metric logged while running).
 """
 
 from __future__ import annotations
@@ -122,11 +124,17 @@ def final_metrics(strategy: str, seed: int, lr: float, num_scales: int) -> dict[
 def write_metrics_csv(path: Path, steps: int, every: int, final: dict[str, float]) -> None:
     """Lightning CSVLogger layout: one header, sparse rows (train every ``every`` steps, val at the end)."""
     columns = ["epoch", "step", "train/loss", *sorted(final)]
+    row_sleep = float(os.environ.get("FAKE_TRAIN_ROW_SLEEP", "0"))
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for step in range(0, steps, every):
-            writer.writerow({"epoch": 0, "step": step, "train/loss": final["val/loss"] + 1.0 / (1 + step)})
+            row = {"epoch": 0, "step": step, "train/loss": final["val/loss"] + 1.0 / (1 + step)}
+            if row_sleep:
+                row["val/balance"] = final["val/balance"]
+                handle.flush()
+                time.sleep(row_sleep)
+            writer.writerow(row)
             if step + 1 < steps - 1:  # earlier validations of the contract metrics (a curve per metric)
                 left = steps - 1 - step
                 writer.writerow({"epoch": 0, "step": step + 1, **{k: v + 0.01 * left for k, v in final.items() if k.startswith("val/ce")}})

@@ -511,3 +511,22 @@ def test_real_train_sweep_of_three_tiny_runs(tmp_path, synthetic_shards, capsys)
     report = (sweep_dir / "report.md").read_text()
     copy_row = next(line for line in report.splitlines() if line.startswith("| *copy source* | 3 |"))
     assert float(copy_row.split("|")[3]) == pytest.approx(float(rows["sar"]["val/copy_success"]), abs=1e-3)
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
+def test_wandb_agent_command_of_each_shipped_file_trains_the_intended_config(path, monkeypatch):
+    """The exact argv wandb's agent code builds for every proposal of the file, parsed by `train`."""
+    monkeypatch.chdir(REPO)
+    spec = load_sweep(path)
+    proposals = grid_proposals(spec) if spec.method == "grid" else [propose(spec, [], i, lambda r: None) for i in range(3)]
+    for proposal in proposals:
+        argv = wandb_agent_argv(spec.raw, proposal.params)
+        assert argv[:2] == ["/usr/bin/env", "python"]
+        args = build_parser().parse_args(argv[argv.index("varedit_lab.cli") + 1 :])
+        assert args.command == "train" and args.config == spec.experiment
+        cfg = load_config(args.config, args.overrides)
+        for key, value in proposal.params.items():
+            node = cfg
+            for part in key.split("."):
+                node = node[part]
+            assert node == pytest.approx(value) if isinstance(value, float) else node == value, (key, node, value)

@@ -624,15 +624,21 @@ def gather_evidence(sweep_dir: Path, state: SweepState, results: list[RunResult]
 # -- entry point ---------------------------------------------------------------------------------
 
 
-def write_report(sweep_dir: str | Path, *, wandb: bool = True, out: TextIO | None = None) -> dict[str, Path]:
+def write_report(
+    sweep_dir: str | Path, *, wandb: bool = True, out: TextIO | None = None, source: tuple[SweepState, list[RunResult]] | None = None
+) -> dict[str, Path]:
     """Write ``summary.csv``, ``report.md`` and the plots into ``sweep_dir``; log them to W&B.
+
+    The runs are read from ``sweep_dir`` (the local runner's ``sweep.json`` and run folders) unless
+    ``source`` gives them (e.g. :func:`varedit_lab.sweep.wandb_source.load_wandb_results`).
 
     Returns the written paths by name (``summary``, ``report``, each plot, and ``wandb`` when a W&B
     run was written).
     """
     out = out or sys.stdout
     sweep_dir = Path(sweep_dir)
-    state, results = load_results(sweep_dir)
+    state, results = source if source is not None else load_results(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     keys = group_keys(state)
     groups = group_runs(results, keys)
     params = list(state.sweep.get("parameters") or {})

@@ -357,7 +357,7 @@ def import_sweeps() -> Any:
             warnings.simplefilter("ignore")  # pydantic v1-style config warnings on import
             import sweeps
     except ImportError:
-        raise SweepError("sweeps need the 'sweeps' package: pip install sweeps==0.2.0 (or pip install -e .[dev])") from None
+        raise SweepError("sweeps need the 'sweeps' package: pip install sweeps==0.2.0 (or pip install -e .)") from None
     return sweeps
 
 
