@@ -106,6 +106,16 @@ class SequenceLayout:
     def visibility(self, layer: int) -> LayerVisibility:
         return self.layer_visibility.get(layer, self.default_visibility)
 
+    def check_depth(self, depth: int) -> None:
+        """Refuse per-layer visibility for layers the model does not have (SAR ``layers: [7]`` on a depth-2
+        model would otherwise train plain max-scale under SAR's name)."""
+        bad = sorted(layer for layer in self.layer_visibility if not 0 <= layer < depth)
+        if bad:
+            raise ValueError(
+                f"conditioning {self.description.get('name', '?')}: layer(s) {bad} do not exist in a model of depth {depth} "
+                f"(valid layers: 0..{depth - 1}); check conditioning.options (e.g. sar's layers)"
+            )
+
     def block_range(self, block: int) -> tuple[int, int]:
         return self.block_starts[block], self.block_starts[block] + self.block_sizes[block]
 

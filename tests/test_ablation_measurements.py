@@ -133,3 +133,10 @@ def test_text_only_trains_validates_and_generates(synthetic_shards, tmp_path):
     text = module.text_encoder.encode(["make the circle red", "add a square"])
     edits = module.edit(plan, text)
     assert edits.shape == (2, 3, 32, 32) and torch.isfinite(edits).all()
+
+
+def test_sar_layers_beyond_the_model_fail_at_setup(synthetic_shards, tmp_path):
+    cfg = load_config(TINY, tiny_overrides(synthetic_shards, tmp_path, "conditioning.name=sar", "conditioning.options.layers=[7]"))
+    with pytest.raises(ValueError, match=r"layer\(s\) \[7\] do not exist in a model of depth 2"):
+        train(cfg, TINY)
+    assert not list(tmp_path.glob("*/checkpoints/*.ckpt"))

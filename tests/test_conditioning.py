@@ -174,3 +174,12 @@ def test_presets_and_text_only_are_registered_strategies():
     assert text_only.num_source_blocks == 0 and text_only.length == SCHED_256.total
     with pytest.raises(KeyError, match="full_scale_all"):
         build("full_scale_al")
+
+
+def test_layers_the_model_does_not_have_are_refused():
+    layout = build("sar", {"layers": [0, 7]}).layout(SCHED_256, "paper")
+    layout.check_depth(8)
+    with pytest.raises(ValueError, match=r"layer\(s\) \[7\] do not exist in a model of depth 2 \(valid layers: 0..1\)"):
+        layout.check_depth(2)
+    with pytest.raises(ValueError, match=r"\[-1\]"):
+        build("sar", {"layers": [-1]}).layout(SCHED_256, "paper").check_depth(4)

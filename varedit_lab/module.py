@@ -104,6 +104,7 @@ class EditorModule(pl.LightningModule):
             load_released(self.model, cfg.model.init_from)
         else:
             self.model = build_transformer(model_cfg, self.tokenizer.codebook_dim, self.tokenizer.apply_spatial_patchify)
+        self.strategy.layout(self.schedule, cfg.model.rope_layout).check_depth(self.model.cfg.depth)
         if not cfg.model.cond_drop_rate:
             # Without text dropout the learned null text is never used in training: freeze it, so
             # that no trainable parameter goes without a gradient (DDP raises on those; sharded
