@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -26,16 +27,25 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
-from varedit_lab.callbacks import PENDING_ROW_KEY, RunCheckpoint, RunSummary, StepTimer, ValidateAtEnd
+from varedit_lab.callbacks import PENDING_ROW_KEY, ConsoleProgress, RunCheckpoint, RunSummary, StepTimer, ValidateAtEnd
 from varedit_lab.checkpoint_io import CheckpointError, check_checkpoint, is_checkpoint
 from varedit_lab.config import ConfigError, config_hash, save_config, to_dict
 from varedit_lab.config.identity import model_changes
+from varedit_lab.config.inputs import missing_tokenizer
+from varedit_lab.console import RunConsole, library_logs_to, quiet_library_warnings
 from varedit_lab.distributed import TopologyCheck, fsdp2_strategy, fsdp_strategy
 from varedit_lab.model.compat import check_finite
 from varedit_lab.runs import RunFolder
 
 # Expected in every run: the frozen tokenizer/text encoder are in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+quiet_library_warnings()
+
+# What the console's progress lines show per task: the training metric, then the validation metrics.
+PROGRESS_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "tokenizer": ("train/psnr", ("val/psnr", "val/roundtrip_bit_acc")),
+    "editor": ("train/loss", ("val/balance", "val/success", "val/preservation", "val/copy_balance", "val/bit_acc")),
+}
 
 
 def run_name(cfg: DictConfig, config_path: str | Path | None = None) -> str:
@@ -149,7 +159,7 @@ def build_loggers(cfg: DictConfig, folder: RunFolder | Path, name: str, resume: 
     mode = wandb_mode(cfg)
     if mode != "disabled":
         loggers.append(
-            WandbLogger(
+            QuietWandbLogger(
                 project=cfg.logger.project,
                 name=cfg.logger.name or name,
                 group=cfg.logger.group,
@@ -160,6 +170,20 @@ def build_loggers(cfg: DictConfig, folder: RunFolder | Path, name: str, resume: 
             )
         )
     return loggers
+
+
+class QuietWandbLogger(WandbLogger):
+    """Lightning's W&B logger, without W&B's console output: silent offline (the run is in the
+    folder; ``wandb sync`` uploads it), quiet online (the run's URL, no run-history footer)."""
+
+    def __init__(self, *, offline: bool, **kwargs: Any) -> None:
+        import wandb  # imported by WandbLogger anyway; only runs that log to W&B pay for it
+
+        settings = wandb.Settings(silent=True) if offline else wandb.Settings(quiet=True)
+        super().__init__(offline=offline, settings=settings, **kwargs)
+        # Lightning always passes anonymous=None, which W&B >= 0.19 answers with a deprecation
+        # warning in every run; leaving the argument out is what "not anonymous" means there.
+        self._wandb_init.pop("anonymous", None)
 
 
 def build_callbacks(
@@ -189,9 +213,18 @@ def build_callbacks(
         from varedit_lab.probes.callback import ProbeCallback  # writes {run}/probes/stepNNNNNN, logs to W&B
 
         callbacks.append(ProbeCallback.from_config(cfg.probes))
-    if cfg.trainer.progress_bar:
+    train_metric, val_metrics = PROGRESS_METRICS.get(cfg.task, PROGRESS_METRICS["editor"])
+    console = RunConsole(folder.console_log)
+    callbacks.append(ConsoleProgress(console, folder.name, train_metric, val_metrics, echo_steps=not progress_bar_on(cfg)))
+    if progress_bar_on(cfg):
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
     return callbacks, timer, summary
+
+
+def progress_bar_on(cfg: DictConfig) -> bool:
+    """The TQDM bar only on a terminal: redirected, its carriage-return frames fill the log file
+    (the console progress lines say the same, one line each)."""
+    return bool(cfg.trainer.progress_bar) and sys.stdout.isatty()
 
 
 def build_strategy(cfg: DictConfig) -> str | Strategy:
@@ -222,7 +255,7 @@ def build_trainer(cfg: DictConfig, directory: Path, callbacks: list[pl.Callback]
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=cfg.optim.grad_clip or None,
         deterministic=t.deterministic,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=progress_bar_on(cfg),
         enable_model_summary=False,
         default_root_dir=str(directory),
         logger=loggers,
@@ -293,10 +326,19 @@ def train(cfg: DictConfig, config_path: str | Path | None = None) -> Path:
         torch.set_num_threads(cfg.trainer.num_threads)
     name = run_name(cfg, config_path)
     folder = RunFolder(Path(cfg.output_dir) / name)
+    problem = missing_tokenizer(cfg)
+    if problem:
+        raise FileNotFoundError(problem)
     resume = resolve_resume(cfg, folder)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build_task(cfg)
     _prepare_folder(cfg, folder, resume)
+    with library_logs_to(folder.console_log if rank_zero_only.rank == 0 else None):
+        return _fit(cfg, folder, name, module, datamodule, resume)
+
+
+def _fit(cfg: DictConfig, folder: RunFolder, name: str, module: pl.LightningModule, datamodule: pl.LightningDataModule,
+         resume: ResumePoint | None) -> Path:
     extra = {"run_name": name, "task": cfg.task, "config": to_dict(cfg)}
     if hasattr(module, "strategy"):
         layout = module.strategy.layout(module.schedule, module.rope_layout)
