@@ -32,6 +32,7 @@ from varedit_lab.checkpoint_io import CheckpointError, check_checkpoint, is_chec
 from varedit_lab.config import ConfigError, config_hash, save_config, to_dict
 from varedit_lab.config.identity import model_changes
 from varedit_lab.config.inputs import missing_tokenizer
+from varedit_lab.data.shards import expand_shards
 from varedit_lab.console import RunConsole, library_logs_to, quiet_library_warnings
 from varedit_lab.distributed import TopologyCheck, fsdp2_strategy, fsdp_strategy
 from varedit_lab.model.compat import check_finite
@@ -304,6 +305,19 @@ def resolve_resume(cfg: DictConfig, folder: RunFolder) -> ResumePoint | None:
     return ResumePoint(str(path), int(checkpoint.get("global_step", 0)), pending if isinstance(pending, dict) else None)
 
 
+def check_inputs(cfg: DictConfig) -> None:
+    """The tokenizer and the shards the config names exist (checked before the run folder is made)."""
+    problem = missing_tokenizer(cfg)
+    if problem:
+        raise FileNotFoundError(problem)
+    for key in ("train_shards", "val_shards"):
+        try:
+            expand_shards(cfg.data[key])
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"data.{key}: {err}\nMake shards with `varedit-lab data synth --out DIR` (the synthetic "
+                                    "benchmark; README's configs read data/synthetic64) or `varedit-lab data convert`.") from None
+
+
 @rank_zero_only
 def _prepare_folder(cfg: DictConfig, folder: RunFolder, resume: ResumePoint | None) -> None:
     """Starting afresh in a used folder moves the earlier attempt aside (one current run per folder);
@@ -326,9 +340,7 @@ def train(cfg: DictConfig, config_path: str | Path | None = None) -> Path:
         torch.set_num_threads(cfg.trainer.num_threads)
     name = run_name(cfg, config_path)
     folder = RunFolder(Path(cfg.output_dir) / name)
-    problem = missing_tokenizer(cfg)
-    if problem:
-        raise FileNotFoundError(problem)
+    check_inputs(cfg)
     resume = resolve_resume(cfg, folder)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build_task(cfg)

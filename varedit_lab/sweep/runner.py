@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, TextIO
 
 from varedit_lab.config import ConfigError, load_config
+from varedit_lab.console import PROGRESS_MARK
 from varedit_lab.sweep.plan import Proposal, cap_for, grid_proposals, propose
 from varedit_lab.sweep.spec import RUNNER_KEYS, SweepError, SweepSpec, agent_command, expand_command
 from varedit_lab.sweep.state import RunRecord, SweepState, load_state, locked, now, save_state
@@ -203,6 +204,7 @@ class _Active:
     process: subprocess.Popen
     log: TextIO
     start: float
+    echoed: int = 0  # bytes of the log already scanned for progress lines (see _echo_progress)
 
 
 def _launch(record: RunRecord, sweep_dir: Path, env: dict[str, str]) -> _Active:
@@ -216,13 +218,26 @@ def _launch(record: RunRecord, sweep_dir: Path, env: dict[str, str]) -> _Active:
     log = open(sweep_dir / record.log, "a")  # noqa: SIM115 - closed in _finish
     log.write(f"=== attempt {record.attempts} · {record.started} · {shlex.join(record.command)}\n")
     log.flush()
+    echoed = log.tell()
     # Own session: the runner decides how a run stops (SIGINT, then SIGKILL to the whole group,
     # which also reaches DDP ranks the run started).
     process = subprocess.Popen(
         record.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
     )
     record.pid = process.pid
-    return _Active(record, process, log, time.monotonic())
+    return _Active(record, process, log, time.monotonic(), echoed)
+
+
+def _echo_progress(active: _Active, sweep_dir: Path, out: TextIO) -> None:
+    """Show the run's progress and result lines (they start with ``console.PROGRESS_MARK``) as they arrive."""
+    with open(sweep_dir / active.record.log, "rb") as handle:
+        handle.seek(active.echoed)
+        data = handle.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    active.echoed += len(complete)
+    for line in complete.decode(errors="replace").splitlines():
+        if line.startswith(PROGRESS_MARK):
+            print(f"    {line}", file=out, flush=True)
 
 
 def _finish(active: _Active, sweep_dir: Path) -> None:
@@ -512,7 +527,10 @@ def _loop(
         if not active:
             return
         time.sleep(options.poll_s)
+        for item in active:
+            _echo_progress(item, sweep_dir, progress.out)
         for item in [a for a in active if a.process.poll() is not None]:
+            _echo_progress(item, sweep_dir, progress.out)
             active.remove(item)
             _finish(item, sweep_dir)
             progress.finished(item.record)
