@@ -26,20 +26,23 @@ PROGRESS_MARK = "» "
 # Loggers whose INFO messages go to console.log only (warnings and errors still reach the console).
 LIBRARY_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 
-# Warnings raised inside the libraries on every run, with nothing for the user to do about them.
+# Warnings raised inside the libraries, with nothing for the user to do about them: (message, module).
 NOISE_WARNINGS = (
-    # lightning/pytorch/utilities/_pytree.py on torch >= 2.10 (a Lightning-internal call)
-    r".*isinstance\(treespec, LeafSpec\).*",
-    r".*LeafSpec.*is deprecated.*",
+    # lightning/pytorch/utilities/_pytree.py on torch >= 2.10 (a Lightning-internal call), every run
+    (r".*isinstance\(treespec, LeafSpec\).*", ""),
+    (r".*LeafSpec.*is deprecated.*", ""),
     # our CSV logger writes into the run folder on purpose (it continues metrics.csv across resumes)
-    r".*Experiment logs directory .* exists and is not empty.*",
+    (r".*Experiment logs directory .* exists and is not empty.*", ""),
+    # model.compile_blocks: torch.compile imports torch.utils.mkldnn (via torch._inductor), whose 14
+    # @torch.jit.script_method decorators each warn once
+    (r"`torch.jit.script_method` is deprecated", r"torch\.jit\._script"),
 )
 
 
 def quiet_library_warnings() -> None:
-    """Ignore the warnings of :data:`NOISE_WARNINGS` (by message, nothing broader)."""
-    for pattern in NOISE_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
+    """Ignore the warnings of :data:`NOISE_WARNINGS` (by message and module, nothing broader)."""
+    for message, module in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=module)
 
 
 def format_duration(seconds: float) -> str:
