@@ -86,6 +86,7 @@ class EditorModule(pl.LightningModule):
         self.copy_quality = EditQuality()
         self._edits_done = 0
         self._grid: list[torch.Tensor] = []
+        self._grid_captions: list[str] = []  # the instructions of the grid's rows
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.num_scales = k
 
@@ -264,6 +265,7 @@ class EditorModule(pl.LightningModule):
             self.copy_quality.update(copied[has_mask], source[has_mask], target[has_mask], mask)
         if not self._grid:
             self._grid = [source.cpu(), target.cpu(), images.cpu()]
+            self._grid_captions = [str(t) for t in batch.get("instruction", [""] * n)[:n]]
         self._edits_done += n
 
     @torch.no_grad()
@@ -290,14 +292,14 @@ class EditorModule(pl.LightningModule):
             self._save_grid()
 
     def _save_grid(self) -> None:
-        from varedit_lab.images import image_grid, save_image
+        from varedit_lab.images import labelled_grid, save_image
 
-        grid = image_grid(self._grid)
+        grid = labelled_grid(self._grid, self._grid_captions)
         run_dir = Path(self.trainer.default_root_dir)
         path = save_image(grid, run_dir / "val_edits" / f"step{self.global_step:06d}.png")
         for logger in self.loggers:
             if hasattr(logger, "log_image") and self.cfg.logger.log_images:
-                logger.log_image(key="val/edits", images=[str(path)], caption=["source | target | edit (rows)"], step=self.global_step)
+                logger.log_image(key="val/edits", images=[str(path)], caption=["source | target | edit, the instruction under each row"], step=self.global_step)
 
     # ---------------------------------------------------------------------------------------------
     # checkpoints: the frozen tokenizer / text encoder are rebuilt from config, not saved
