@@ -159,3 +159,20 @@ def test_train_help_is_plain_text() -> None:
     text = action.choices["train"].format_help()
     assert "``" not in text and ":func:" not in text
     assert "resume=auto" in text and "console.log" in text
+
+
+def test_edit_grids_are_labelled_columns_with_the_instruction_under_each_row() -> None:
+    import torch
+
+    from varedit_lab.images import labelled_grid
+
+    red = torch.zeros(2, 3, 32, 32)
+    red[:, 0] = 1
+    short = labelled_grid([red, red, red], ["make it blue", "remove the square"])
+    long = labelled_grid([red, red, red], ["make it blue", "remove the square " * 10])
+    assert short.width == long.width and long.height > short.height  # long instructions wrap onto more lines
+    assert short.width >= 3 * 128  # 32 px images are enlarged to be readable
+    pixels = short.load()
+    assert pixels[6 + 64, 6 + 20 + 64] == (255, 0, 0)  # the first source image, below the header line
+    with pytest.raises(ValueError, match="captions"):
+        labelled_grid([red, red, red], ["one caption for two rows"])

@@ -178,7 +178,10 @@ class ConsoleProgress(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        took = format_duration(time.perf_counter() - self._start) if self._start else "?"
+        if not self._start:  # a resume of a finished run: no training in this process
+            self.console.say(f"{self.label}: nothing to train (the run already reached step {trainer.global_step})")
+            return
+        took = format_duration(time.perf_counter() - self._start)
         values = self._values(trainer, self.val_metrics) or self._values(trainer, (self.train_metric,))
         result = f" · {values}" if values else ""
         self.console.say(f"{self.label}: done, {trainer.global_step} steps in {took}{result}")

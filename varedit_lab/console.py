@@ -33,6 +33,8 @@ NOISE_WARNINGS = (
     (r".*LeafSpec.*is deprecated.*", ""),
     # our CSV logger writes into the run folder on purpose (it continues metrics.csv across resumes)
     (r".*Experiment logs directory .* exists and is not empty.*", ""),
+    # resumes: checkpoints/ holds the run's own last.ckpt, overwritten in place on purpose
+    (r".*Checkpoint directory .* exists and is not empty.*", ""),
     # model.compile_blocks: torch.compile imports torch.utils.mkldnn (via torch._inductor), whose 14
     # @torch.jit.script_method decorators each warn once
     (r"`torch.jit.script_method` is deprecated", r"torch\.jit\._script"),

@@ -188,8 +188,10 @@ class QuietWandbLogger(WandbLogger):
 
 
 def build_callbacks(
-    cfg: DictConfig, folder: RunFolder | Path, extra_summary: dict[str, Any], resume: ResumePoint | None = None
+    cfg: DictConfig, folder: RunFolder | Path, extra_summary: dict[str, Any], resume: ResumePoint | None = None,
+    console_log: Path | None = None,
 ) -> tuple[list[pl.Callback], StepTimer, RunSummary]:
+    """The callbacks of every run; progress lines go to the console and to ``console_log`` (if given)."""
     folder = RunFolder(folder) if not isinstance(folder, RunFolder) else folder
     timer = StepTimer()
     summary = RunSummary(folder, timer, extra_summary, resumed=resume is not None)
@@ -215,7 +217,7 @@ def build_callbacks(
 
         callbacks.append(ProbeCallback.from_config(cfg.probes))
     train_metric, val_metrics = PROGRESS_METRICS.get(cfg.task, PROGRESS_METRICS["editor"])
-    console = RunConsole(folder.console_log)
+    console = RunConsole(console_log)
     callbacks.append(ConsoleProgress(console, folder.name, train_metric, val_metrics, echo_steps=not progress_bar_on(cfg)))
     if progress_bar_on(cfg):
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
@@ -345,17 +347,20 @@ def train(cfg: DictConfig, config_path: str | Path | None = None) -> Path:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build_task(cfg)
     _prepare_folder(cfg, folder, resume)
-    with library_logs_to(folder.console_log if rank_zero_only.rank == 0 else None):
-        return _fit(cfg, folder, name, module, datamodule, resume)
+    # A resume of a finished run trains nothing and changes nothing in the folder, console.log included.
+    finished = resume is not None and 0 < cfg.trainer.max_steps <= resume.step
+    console_log = folder.console_log if rank_zero_only.rank == 0 and not finished else None
+    with library_logs_to(console_log):
+        return _fit(cfg, folder, name, module, datamodule, resume, console_log)
 
 
 def _fit(cfg: DictConfig, folder: RunFolder, name: str, module: pl.LightningModule, datamodule: pl.LightningDataModule,
-         resume: ResumePoint | None) -> Path:
+         resume: ResumePoint | None, console_log: Path | None) -> Path:
     extra = {"run_name": name, "task": cfg.task, "config": to_dict(cfg)}
     if hasattr(module, "strategy"):
         layout = module.strategy.layout(module.schedule, module.rope_layout)
         extra.update(strategy=module.strategy.describe(), metrics={"perf/seq_len": float(layout.length)})
-    callbacks, timer, summary = build_callbacks(cfg, folder, extra, resume)
+    callbacks, timer, summary = build_callbacks(cfg, folder, extra, resume, console_log)
     trainer = build_trainer(cfg, folder.path, callbacks, build_loggers(cfg, folder, name, resume))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
