@@ -229,15 +229,13 @@ def target_positions(schedule: ScaleSchedule, num_source_tokens: int, rope_layou
 
 def source_positions(grids: Sequence[Grid], rope_layout: str) -> torch.Tensor:
     """RoPE positions of source blocks: star positions of each block's grid + (64, 64) (paper layout),
-    or the first rows of the released table (reference_compat; defined for one source block)."""
+    or the first rows of the released table (reference_compat).
+
+    The release reads its table as one contiguous slice from row 0, whatever the sequence holds
+    (reference-model.md section 7.3). Several source blocks (full-scale) extend that literally: they
+    read rows ``[0, sum of block sizes)`` in sequence order, and the target follows them."""
     if rope_layout == "reference_compat":
-        if len(grids) != 1:
-            raise ValueError(
-                "rope_layout=reference_compat is defined for a single source block (max-scale/SAR); "
-                "the released table has one source segment. Use model.rope_layout=paper."
-            )
-        h, w = grids[0]
-        return reference_rope_positions(h * w)
+        return reference_rope_positions(sum(h * w for h, w in grids))
     if rope_layout == "paper":
         return torch.cat([offset_positions(star_positions(g)) for g in grids])
     raise ValueError(f"unknown rope_layout {rope_layout!r}; valid: ['reference_compat', 'paper']")

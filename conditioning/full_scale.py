@@ -11,8 +11,9 @@ Not in the release; this implements the definition chosen in ``reference-model.m
   and source scales see each other bidirectionally.
 * Level embedding: source scale s gets ``lvl_embed[s]`` (``source_levels: finest`` gives all of
   them ``lvl_embed[K-1]``).
-* RoPE: source scale s sits at the star positions of scale s + (64, 64); needs
-  ``model.rope_layout=paper`` (the released table has a single source segment).
+* RoPE: ``paper``: source scale s sits at the star positions of scale s + (64, 64).
+  ``reference_compat``: the release's contiguous table slice, extended literally: the source blocks
+  read rows [0, T) in sequence order and the target rows [T, 2T) (see ``source_positions``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import torch
 from conditioning import available, build, register, resolve
 from conditioning.base import ConditioningStrategy
 from conditioning.max_scale import MaxScale
-from varedit_lab.model.layout import ScaleSchedule
+from varedit_lab.model.layout import ScaleSchedule, reference_rope_positions
 
 SCHED_256 = ScaleSchedule.from_scales("0.06M")
 SCHED_512 = ScaleSchedule.from_scales("0.25M")
@@ -113,8 +113,15 @@ def test_levels_and_positions():
     assert torch.equal(full.levels[: SCHED_256.total], SCHED_256.scale_ids())
     finest_levels = build("full_scale", {"source_levels": "finest"}).layout(SCHED_256, "paper").levels
     assert (finest_levels[: SCHED_256.total] == k - 1).all()
-    with pytest.raises(ValueError, match="rope_layout=paper"):
-        build("full_scale").layout(SCHED_256, "reference_compat")
+    # reference_compat for all three: the release's table read contiguously from row 0, so the finest
+    # source block of max-scale / SAR and full-scale's first source rows share positions, and every
+    # strategy's targets continue the same table right after their sources.
+    table = reference_rope_positions(2 * SCHED_256.total)
+    for name in ("max_scale", "sar", "full_scale"):
+        layout = build(name).layout(SCHED_256, "reference_compat")
+        assert torch.equal(layout.positions, table[: layout.length]), name
+    full_compat = build("full_scale").layout(SCHED_256, "reference_compat")
+    assert full_compat.length == 2 * SCHED_256.total and full_compat.num_source_tokens == SCHED_256.total
 
 
 def test_source_tokens_finest_block_equals_max_scale_prefix():

@@ -311,4 +311,4 @@ def test_convert_jsonl_with_resize_and_cli(tmp_path, capsys):
     assert [(x["key"], x["instruction"], x["kind"]) for x in items] == [("a", "first", "recolor"), ("b", "second", "")]
     assert items[0]["source"].shape == (3, 32, 32) and set(items[0]["mask"].unique().tolist()) <= {0, 1}
     assert main(["data", "inspect", str(tmp_path / "out")]) == 0
-    assert "2 good samples (1 with masks)" in capsys.readouterr().out
+    assert "2 good samples (1 with masks, 0 with texture masks)" in capsys.readouterr().out

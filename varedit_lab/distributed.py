@@ -177,10 +177,9 @@ def _unsharded(method: Any, root: Any, blocks: list[Any]) -> Any:
 
 
 def frozen_modules(module: pl.LightningModule) -> list[torch.nn.Module]:
-    """The editor's frozen submodules (tokenizer, text encoder), from ``FROZEN_PREFIXES``."""
-    from varedit_lab.module import FROZEN_PREFIXES
-
-    return [module.get_submodule(prefix.rstrip(".")) for prefix in FROZEN_PREFIXES if hasattr(module, prefix.rstrip("."))]
+    """The editor's frozen submodules (tokenizer, and the text encoder unless it trains)."""
+    prefixes = getattr(module, "frozen_prefixes", ("tokenizer.", "text_encoder."))
+    return [module.get_submodule(prefix.rstrip(".")) for prefix in prefixes if hasattr(module, prefix.rstrip("."))]
 
 
 def prepare_for_fsdp1(module: pl.LightningModule, strategy: "FSDPStrategy") -> None:

@@ -9,6 +9,8 @@ inside/outside the ground-truth mask against a copy-the-source baseline.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,17 +24,18 @@ from conditioning import build as build_strategy
 from conditioning.base import ConditioningPlan
 from varedit_lab.checkpoint_io import CheckpointError, load_weights
 from varedit_lab.config import to_dict
-from varedit_lab.metrics import EditQuality, ScaleBitAccuracy
+from varedit_lab.metrics import EditQuality, MaskSplitScaleMetrics, ScaleBitAccuracy, per_sample_mask_split, scale_mask_weights
 from varedit_lab.model.build import build_transformer
 from varedit_lab.model.compat import check_finite, load_released
 from varedit_lab.model.layout import ScaleSchedule
 from varedit_lab.model.loss import bitwise_loss
 from varedit_lab.model.transformer import TextFeatures
 from varedit_lab.optim import adamw_with_schedule
-from varedit_lab.text import TextEncoder
+from varedit_lab.runs import RunFolder
+from varedit_lab.text import build_text_encoder
 from varedit_lab.tokenizer.precompute import stored_targets
 
-FROZEN_PREFIXES = ("tokenizer.", "text_encoder.")
+FROZEN_PREFIXES = ("tokenizer.", "text_encoder.")  # the frozen T5 case; a trainable text encoder trains and is saved
 # Infinity's no-weight-decay parameters (besides biases and other 1-D tensors).
 NO_DECAY_KEYS = ("cfg_uncond", "pos_start", "lvl_embed", "ada_gss", "scale_mul")
 
@@ -42,7 +45,7 @@ class EditInputs:
     source_latent: torch.Tensor  # (B, d, H, W) continuous
     target_bits: list[torch.Tensor]  # per scale (B, n_s, d')
     teacher_inputs: torch.Tensor  # (B, T - 1, d')
-    text: TextFeatures
+    text: TextFeatures | None
 
 
 def select_text(text: TextFeatures, n: int) -> TextFeatures:
@@ -63,8 +66,33 @@ class EditorModule(pl.LightningModule):
         self.cfg = cfg
         self.schedule = ScaleSchedule.from_scales(cfg.model.scales)
         self.strategy = build_strategy(cfg.conditioning.name, OmegaConf.to_container(cfg.conditioning.options))
+        # Every random initial weight is a function of cfg.seed alone (not of what ran before): runs
+        # paired by seed start from identical shared weights whatever their strategy.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self._build_parts(cfg)
+        k = self.schedule.num_scales
+
+        self.val_loss = MeanMetric()
+        self.val_bits = ScaleBitAccuracy(self.schedule.sizes)
+        self.copy_bits = ScaleBitAccuracy(self.schedule.sizes)
+        self.val_quality = EditQuality()
+        self.copy_quality = EditQuality()
+        self.val_split = MaskSplitScaleMetrics(self.schedule.grids)
+        self._samples: dict[str, dict[str, Any]] = {}  # per-sample values of this validation (samples.jsonl)
+        self._edits_done = 0
+        self._grid: list[torch.Tensor] = []
+        self._grid_captions: list[str] = []  # the instructions of the grid's rows
+        self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.num_scales = k
+
+    def _build_parts(self, cfg: DictConfig) -> None:
+        """Tokenizer, text encoder and transformer (in this order: the seed's stream is consumed alike)."""
         self.tokenizer = build_tokenizer(cfg).eval().requires_grad_(False)
-        self.text_encoder = TextEncoder.from_config(cfg.text)
+        self.text_encoder = build_text_encoder(cfg.text)
+        self.text_trainable = bool(self.text_encoder.trainable)
+        if not self.text_trainable:
+            self.text_encoder.requires_grad_(False)
         model_cfg = cfg.model
         if model_cfg.text_channels is None:
             model_cfg = OmegaConf.merge(model_cfg, {"text_channels": self.text_encoder.width})
@@ -78,25 +106,20 @@ class EditorModule(pl.LightningModule):
             # that no trainable parameter goes without a gradient (DDP raises on those; sharded
             # optimizer state would miss it and a resume would fail).
             self.model.cfg_uncond.requires_grad_(False)
-        k = self.schedule.num_scales
-        self.val_loss = MeanMetric()
-        self.val_bits = ScaleBitAccuracy(self.schedule.sizes)
-        self.copy_bits = ScaleBitAccuracy(self.schedule.sizes)
-        self.val_quality = EditQuality()
-        self.copy_quality = EditQuality()
-        self._edits_done = 0
-        self._grid: list[torch.Tensor] = []
-        self._grid_captions: list[str] = []  # the instructions of the grid's rows
-        self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.num_scales = k
 
     # ---------------------------------------------------------------------------------------------
     # frozen parts
     def train(self, mode: bool = True) -> "EditorModule":
         super().train(mode)
         self.tokenizer.eval()
-        self.text_encoder.eval()
+        if not self.text_trainable:
+            self.text_encoder.eval()
         return self
+
+    @property
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the frozen parts: rebuilt from config, never trained or saved."""
+        return FROZEN_PREFIXES if not self.text_trainable else ("tokenizer.",)
 
     @property
     def rope_layout(self) -> str:
@@ -119,14 +142,24 @@ class EditorModule(pl.LightningModule):
         seed = (self.cfg.seed * 1_000_003 + self.global_step * 10_007 + self.global_rank * 101 + salt) % (2**63)
         return torch.Generator().manual_seed(seed)
 
-    @torch.no_grad()
     def encode_batch(self, batch: dict[str, Any], flip_probs: list[float] = ()) -> EditInputs:
-        if "source_latent" in batch:
-            return self.stored_inputs(batch, flip_probs)
-        source_latent, target_latent = self.latents(batch)
-        target = self.tokenizer.quantize_latent(target_latent, self.schedule, flip_probs=flip_probs, generator=self.step_generator(1))
-        text = self.text_encoder.encode(batch["instruction"]).to(self.device)
-        return EditInputs(source_latent, target.bits, target.teacher_inputs, text)
+        with torch.no_grad():
+            if "source_latent" in batch:
+                inputs = self.stored_inputs(batch, flip_probs)
+            else:
+                source_latent, target_latent = self.latents(batch)
+                target = self.tokenizer.quantize_latent(target_latent, self.schedule, flip_probs=flip_probs,
+                                                        generator=self.step_generator(1))
+                inputs = EditInputs(source_latent, target.bits, target.teacher_inputs, None)
+        if inputs.text is None:  # a trainable encoder runs with gradients, outside no_grad
+            inputs.text = self.encode_text(batch["instruction"])
+        return inputs
+
+    def encode_text(self, instructions: list[str]) -> TextFeatures:
+        if self.text_trainable:
+            return self.text_encoder.encode(instructions)
+        with torch.no_grad():
+            return self.text_encoder.encode(instructions).to(self.device)
 
     @torch.no_grad()
     def stored_inputs(self, batch: dict[str, Any], flip_probs: list[float] = ()) -> EditInputs:
@@ -143,12 +176,12 @@ class EditorModule(pl.LightningModule):
                 f"(model.scales={list(self.cfg.model.scales)}): precompute again with this config"
             )
         per_scale, teacher = stored_targets(packed, self.schedule, self.patchify, d)
-        if "text_features" in batch:
+        if "text_features" in batch and not self.text_trainable:  # a trainable encoder reads the words
             if batch["text_features"].shape[-1] != self.text_encoder.width:
                 raise ValueError(f"precomputed text features are {batch['text_features'].shape[-1]} wide; the text encoder is {self.text_encoder.width}")
             text = TextFeatures(batch["text_features"], batch["text_lengths"])
         else:
-            text = self.text_encoder.encode(batch["instruction"]).to(self.device)
+            text = None  # encode_batch encodes it (with gradients when the encoder trains)
         return EditInputs(latent, per_scale, teacher, text)
 
     @torch.no_grad()
@@ -212,7 +245,10 @@ class EditorModule(pl.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
+        trainable = list(self.model.named_parameters())
+        if self.text_trainable:
+            trainable += [(f"text_encoder.{n}", p) for n, p in self.text_encoder.named_parameters()]
+        for name, param in trainable:
             if not param.requires_grad:
                 continue
             (no_decay if param.ndim < 2 or any(k in name for k in NO_DECAY_KEYS) else decay).append(param)
@@ -223,6 +259,7 @@ class EditorModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._edits_done = 0
         self._grid = []
+        self._samples = {}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # Every rank runs the same forwards and generations on its whole batch, padding rows
@@ -240,7 +277,30 @@ class EditorModule(pl.LightningModule):
             predicted = (logits[keep].unflatten(-1, (-1, 2)).argmax(-1)).to(torch.uint8)
             self.val_bits.update(predicted, target_bits[keep])
             self.copy_bits.update(torch.cat(source_bits, 1)[keep], target_bits[keep])
+            self._mask_split(batch, out.ce_per_token, predicted, target_bits[keep], keep)
         self._validation_edits(batch, plan, inputs.text, source_bits, keep)
+
+    def _mask_split(self, batch: dict[str, Any], ce_per_token: torch.Tensor, predicted: torch.Tensor, target_bits: torch.Tensor,
+                    keep: torch.Tensor) -> None:
+        """Teacher-forced CE / bit accuracy per scale inside and outside the edit mask (rows ``keep``)."""
+        if "mask" not in batch:
+            return
+        has_mask = batch["has_mask"].bool().to(keep.device)[keep]
+        if not has_mask.any():
+            return
+        inside = scale_mask_weights(batch["mask"][keep][has_mask].to(ce_per_token.device), self.schedule.grids)
+        bit_acc = (predicted == target_bits.to(predicted.dtype)).float().mean(-1)
+        self.val_split.update(ce_per_token[has_mask], bit_acc[has_mask], inside)
+        per_sample = per_sample_mask_split(ce_per_token[has_mask], inside, self.schedule.grids)
+        rows = [i for i, k in enumerate(keep.tolist()) if k]
+        rows = [r for r, m in zip(rows, has_mask.tolist()) if m]
+        for j, row in enumerate(rows):
+            self._sample_record(batch, row).update({name: float(v[j]) for name, v in per_sample.items()})
+
+    def _sample_record(self, batch: dict[str, Any], row: int) -> dict[str, Any]:
+        key = str(batch["key"][row]) if "key" in batch else f"row{len(self._samples)}"
+        kind = str(batch["kind"][row]) if "kind" in batch else ""
+        return self._samples.setdefault(key, {"key": key, "kind": kind})
 
     def _validation_edits(
         self, batch: dict[str, Any], plan: ConditioningPlan, text: TextFeatures, source_bits: list[torch.Tensor], keep: torch.Tensor
@@ -261,8 +321,14 @@ class EditorModule(pl.LightningModule):
         if has_mask.any():
             mask = batch["mask"][:n][has_mask]
             copied = self.tokenizer.decode([b[:n] for b in source_bits], self.schedule)
-            self.val_quality.update(images[has_mask], source[has_mask], target[has_mask], mask)
-            self.copy_quality.update(copied[has_mask], source[has_mask], target[has_mask], mask)
+            edited = EditQuality.per_sample(images[has_mask], source[has_mask], target[has_mask], mask)
+            copy = EditQuality.per_sample(copied[has_mask], source[has_mask], target[has_mask], mask)
+            self.val_quality.update_values(edited)
+            self.copy_quality.update_values(copy)
+            for j, row in enumerate(torch.nonzero(has_mask).flatten().tolist()):
+                record = self._sample_record(batch, row)
+                record.update({name: float(edited[name][j]) for name in ("success", "preservation", "balance")})
+                record.update({f"copy_{name}": float(copy[name][j]) for name in ("success", "preservation", "balance")})
         if not self._grid:
             self._grid = [source.cpu(), target.cpu(), images.cpu()]
             self._grid_captions = [str(t) for t in batch.get("instruction", [""] * n)[:n]]
@@ -288,8 +354,35 @@ class EditorModule(pl.LightningModule):
                     self.log(prefix + name, value)
             bits.reset()
             quality.reset()
+        for name, value in self.val_split.compute().items():
+            if not torch.isnan(value):
+                self.log("val/" + name, value)
+        self.val_split.reset()
+        self._write_samples()
         if self._grid and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self._save_grid()
+
+    def _write_samples(self) -> None:
+        """``samples.jsonl``: one line per validation sample (all ranks' samples, by key), so that runs
+        can be paired sample by sample across strategies (sweep reports)."""
+        records = list(self._samples.values())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        if not self.trainer.is_global_zero or self.trainer.sanity_checking or not records:
+            return
+        path = RunFolder(self.trainer.default_root_dir).samples
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged: dict[str, dict[str, Any]] = {}
+        for record in records:
+            merged.setdefault(record["key"], {}).update(record)
+        def finite(value: Any) -> Any:  # NaN (not measured) is written as null: strict JSON
+            return None if isinstance(value, float) and not math.isfinite(value) else value
+
+        lines = [json.dumps({"step": self.global_step, **{k: finite(v) for k, v in merged[key].items()}}, sort_keys=True)
+                 for key in sorted(merged)]
+        path.write_text("\n".join(lines) + "\n")
 
     def _save_grid(self) -> None:
         from varedit_lab.images import labelled_grid, save_image
@@ -309,7 +402,7 @@ class EditorModule(pl.LightningModule):
         # Sharded (fsdp/fsdp2 DCP) checkpoints keep the frozen parts: on resume the strategy loads the
         # module's whole state dict from the shards itself, and DCP rejects missing keys.
         if not (self._trainer is not None and saves_sharded_checkpoints(self._trainer.strategy)):
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(self.frozen_prefixes)}
         checkpoint["varedit_config"] = to_dict(self.cfg)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -317,7 +410,7 @@ class EditorModule(pl.LightningModule):
         if state is None:  # sharded checkpoint: the strategy has already loaded the weights
             return
         for key, value in self.state_dict().items():
-            if key.startswith(FROZEN_PREFIXES):
+            if key.startswith(self.frozen_prefixes):
                 state.setdefault(key, value)
 
     @classmethod

@@ -44,7 +44,7 @@ quiet_library_warnings()
 
 # What the console's progress lines show per task: the training metric, then the validation metrics.
 PROGRESS_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "tokenizer": ("train/psnr", ("val/psnr", "val/roundtrip_bit_acc")),
+    "tokenizer": ("train/psnr", ("val/psnr", "val/psnr_textured", "val/roundtrip_bit_acc")),
     "editor": ("train/loss", ("val/balance", "val/success", "val/preservation", "val/copy_balance", "val/bit_acc")),
 }
 

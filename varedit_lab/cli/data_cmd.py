@@ -69,14 +69,17 @@ def _register_synth(data_sub: argparse._SubParsersAction) -> None:
         "synth",
         help="write the synthetic edit benchmark as shards",
         description="Procedural scenes (1-4 coloured shapes) and edits (recolor, remove, add, move, resize, "
-        "background) with exact targets and ground-truth edit masks, deterministic from --seed. "
-        "Writes OUT/{train,val,test}-NNNNNN.tar and OUT/synth.json.",
+        "background) with exact targets and ground-truth edit masks, deterministic from --seed. Suites: "
+        "flat (flat colours, 64 px by default) and textured (stripes/checks/gradients of 2-4 tokens on shapes and "
+        "background, texture masks in the shards, 128 px by default). "
+        "Writes OUT/{train,val,test}-NNNNNN.tar, OUT/synth.json and OUT/vocab.txt (every instruction word).",
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--train", type=int, default=1024, help="training samples (default 1024)")
     p.add_argument("--val", type=int, default=64, help="validation samples (default 64)")
     p.add_argument("--test", type=int, default=256, help="test samples (default 256)")
-    p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
+    p.add_argument("--suite", default="flat", help="benchmark suite: flat or textured (default flat)")
+    p.add_argument("--image-size", "--size", dest="size", type=int, default=None, help="image size in pixels (default: 64 flat, 128 textured)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-shard", type=int, default=128, help="samples per shard (default 128)")
     p.add_argument("--kinds", default=None, help="comma-separated subset of edit kinds (default: all)")
@@ -90,16 +93,24 @@ def run_synth(args: argparse.Namespace) -> int:
 
     from varedit_lab.data.synth import EDIT_KINDS, write_synthetic_shards
 
-    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else EDIT_KINDS
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip()) if args.kinds is not None else EDIT_KINDS
     counts = {"train": args.train, "val": args.val, "test": args.test}
     shards = write_synthetic_shards(
-        args.out, counts, image_size=args.size, seed=args.seed, samples_per_shard=args.per_shard, kinds=kinds, overwrite=args.overwrite
+        args.out,
+        counts,
+        image_size=args.size,
+        seed=args.seed,
+        samples_per_shard=args.per_shard,
+        kinds=kinds,
+        overwrite=args.overwrite,
+        suite=args.suite,
     )
     manifest = json.loads((Path(args.out) / "synth.json").read_text())
     for split, names in shards.items():
         if names:
             size = sum(Path(n).stat().st_size for n in names)
             print(f"{split:5s} {counts[split]:7d} samples  {len(names):4d} shards  {size / 1e6:8.2f} MB  {manifest['shards'][split]}")
+    print(f"suite {manifest['suite']}, {manifest['image_size']} px; vocabulary: {Path(args.out) / manifest['vocab']}")
     print(f"{manifest['samples_per_second']} samples/s; rejected and resampled: {manifest['rejections']}")
     return 0
 
@@ -164,7 +175,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     items, bad = read_fixed_list(urls, 0, args.size, where="inspect")
     kinds = Counter(item["kind"] or "?" for item in items)
     masks = sum("mask" in item for item in items)
-    print(f"{len(urls)} shards, {len(items)} good samples ({masks} with masks), bad: {dict(bad) or 0}")
+    textures = sum("source_texture" in item for item in items)
+    print(f"{len(urls)} shards, {len(items)} good samples ({masks} with masks, {textures} with texture masks), bad: {dict(bad) or 0}")
     print("kinds: " + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())))
     for item in items[: args.show]:
         print(f"  {item['key']}: {item['instruction']}")

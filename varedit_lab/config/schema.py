@@ -72,9 +72,16 @@ class TokenizerConfig:
 
 @dataclass
 class TextConfig:
-    """Frozen T5 text encoder: a local HF folder (flan-t5-xl) or a tiny random T5 built from config."""
+    """The text encoder. ``t5``: frozen T5 from a local HF folder (flan-t5-xl) or a tiny random T5 built
+    from config. ``words``: a small trainable encoder over a fixed vocabulary (the synthetic benchmark's
+    instruction words, ``vocab.txt`` from ``data synth``), trained with the editor."""
 
+    kind: Literal["t5", "words"] = "t5"
     path: Optional[str] = None  # local T5 folder; None builds the tiny random encoder below
+    vocabulary: Optional[str] = None  # kind=words: one word per line
+    words_width: int = at_least(8, 128)
+    words_layers: int = at_least(1, 2)
+    words_heads: int = at_least(1, 4)
     max_length: int = at_least(1, 512)
     tiny_d_model: int = 128
     tiny_num_layers: int = 2

@@ -1,7 +1,9 @@
 """Decoding one shard sample into tensors, collating batches, and counting bad samples.
 
 Shard keys follow upstream VAREdit: ``src.{jpg,jpeg,png,webp}``, ``tgt.{...}``, ``txt``; plus the
-optional ``mask.{png,...}`` (255 = edited region) and ``json`` (metadata; ``kind`` is read).
+optional ``mask.{png,...}`` (255 = edited region), ``json`` (metadata; ``kind`` is read) and the
+texture masks of the textured synthetic suite, ``src_texture.png`` / ``tgt_texture.png`` (255 where
+a texture was drawn; both or neither).
 
 Preprocessing follows the reference training loader: the target is resized to the source size,
 then both are resized to cover ``image_size`` and centre-cropped to a square. A sample that is
@@ -20,6 +22,9 @@ instruction     list[str]
 kind            list[str]               edit kind from the json metadata ('' if unknown)
 key             list[str]               the sample's ``__key__``
 ==============  ======================  ==============================================
+
+When any sample of a batch has texture masks, the batch adds ``source_texture`` and
+``target_texture`` (float32 (B, 1, H, W), {0, 1}; zeros where absent) and ``has_texture`` (bool (B,)).
 
 Shards written by ``varedit-lab data precompute`` also carry the frozen tokenizer's and text
 encoder's outputs; when every sample of a batch has them, the batch adds
@@ -50,6 +55,8 @@ IMAGE_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
 REASONS: tuple[str, ...] = ("missing_key", "unreadable_image", "wrong_size", "bad_metadata", "unreadable_shard", "bad_array")
 # Arrays added by `data precompute` (see varedit_lab.tokenizer.precompute), with their batch keys.
 PRECOMPUTED: dict[str, str] = {"src_latent.npy": "source_latent", "tgt_bits.npy": "target_bits_packed", "txt_emb.npy": "text"}
+# Texture masks of the textured synthetic suite: shard stem -> example / batch key.
+TEXTURE_MASKS: dict[str, str] = {"src_texture": "source_texture", "tgt_texture": "target_texture"}
 # Bad samples in a row before giving up: a resampled stream of only-bad data never ends otherwise.
 MAX_CONSECUTIVE_BAD = 1000
 
@@ -199,11 +206,13 @@ class DecodeEditSample:
         target = _open_image(sample[tgt_field], "RGB", key, tgt_field, url)
         mask_field = _find(sample, "mask")
         mask = _open_image(sample[mask_field], "L", key, mask_field, url) if mask_field else None
-        for name, image in (("source", source), ("target", target), ("mask", mask)):
+        textures = self._texture_masks(sample, key, url)
+        for name, image in (("source", source), ("target", target), ("mask", mask), *textures.items()):
             if image is not None and min(image.size) < self.min_side:
                 raise BadSampleError("wrong_size", key, f"{name} is {image.size[0]}x{image.size[1]} (< data.min_side={self.min_side})", url)
-        if mask is not None and mask.size != source.size:
-            raise BadSampleError("wrong_size", key, f"mask {mask.size} does not match source {source.size}", url)
+        for name, image in (("mask", mask), *textures.items()):
+            if image is not None and image.size != source.size:
+                raise BadSampleError("wrong_size", key, f"{name} {image.size} does not match source {source.size}", url)
         if target.size != source.size:  # the reference loader resizes the target to the source first
             target = target.resize(source.size, Image.LANCZOS)
         size = self.image_size
@@ -211,14 +220,31 @@ class DecodeEditSample:
         target = resize_cover_crop(target, size, Image.LANCZOS)
         example = {"source": _to_uint8(source), "target": _to_uint8(target), "instruction": instruction, "kind": kind, "key": key, "valid": True}
         if mask is not None:
-            binary = np.asarray(resize_cover_crop(mask, size, Image.NEAREST)) >= 128
-            example["mask"] = torch.from_numpy(binary[None].astype(np.uint8))
+            example["mask"] = _binary_mask(mask, size)
+        for name, image in textures.items():
+            example[name] = _binary_mask(image, size)
         stored = {name: load_array(sample[field], key, field, url) for field, name in PRECOMPUTED.items() if field in sample}
         if stored:
             example["precomputed"] = stored
         if self.tracker is not None:
             self.tracker.ok()
         return example
+
+    def _texture_masks(self, sample: dict[str, Any], key: str, url: str) -> dict[str, Image.Image]:
+        """The sample's texture masks by batch key (none, or both)."""
+        fields = {name: _find(sample, stem) for stem, name in TEXTURE_MASKS.items()}
+        if not any(fields.values()):
+            return {}
+        missing = [stem for stem, name in TEXTURE_MASKS.items() if fields[name] is None]
+        if missing:
+            raise BadSampleError("missing_key", key, f"texture masks come in pairs; no {missing[0]}.png", url)
+        return {name: _open_image(sample[field], "L", key, field, url) for name, field in fields.items() if field is not None}
+
+
+def _binary_mask(mask: Image.Image, size: int) -> torch.Tensor:
+    """(1, size, size) uint8 {0, 1}: nearest-neighbour resize keeps a mask binary (exact at its own size)."""
+    binary = np.asarray(resize_cover_crop(mask, size, Image.NEAREST)) >= 128
+    return torch.from_numpy(binary[None].astype(np.uint8))
 
 
 def load_array(value: Any, key: str, field: str, url: str = "") -> np.ndarray:
@@ -252,6 +278,21 @@ def _collate_precomputed(examples: list[dict[str, Any]]) -> dict[str, torch.Tens
     return out
 
 
+def _collate_textures(examples: list[dict[str, Any]], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    has = np.array([all(name in e for name in TEXTURE_MASKS.values()) for e in examples], bool)
+    if not has.any():
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for name in TEXTURE_MASKS.values():
+        stacked = np.zeros((len(examples), 1, *size), np.float32)
+        for i, e in enumerate(examples):
+            if has[i]:
+                stacked[i] = e[name].numpy()
+        out[name] = torch.from_numpy(stacked)
+    out["has_texture"] = torch.from_numpy(has)
+    return out
+
+
 def _to_unit_range(images: list[torch.Tensor]) -> torch.Tensor:
     # numpy, not torch: this runs in the main process when num_workers=0, where torch's intra-op
     # threads compete with the training step (measured: 40 ms vs 0.04 ms per 16x3x64x64 batch
@@ -276,6 +317,7 @@ def collate_edits(examples: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "source": source,
         "target": target,
+        **_collate_textures(examples, (h, w)),
         "mask": torch.from_numpy(mask),
         "has_mask": torch.from_numpy(has_mask),
         "valid": torch.tensor([bool(e.get("valid", True)) for e in examples]),
@@ -293,6 +335,7 @@ __all__ = [
     "DecodeEditSample",
     "IMAGE_EXTS",
     "REASONS",
+    "TEXTURE_MASKS",
     "collate_edits",
     "resize_cover_crop",
     "summarise",

@@ -43,6 +43,8 @@ def tiny_t5(d_model: int, num_layers: int, num_heads: int, d_ff: int, seed: int)
 class TextEncoder(nn.Module):
     """Instruction strings -> T5 features. Frozen; embeddings of repeated strings are cached."""
 
+    trainable = False
+
     def __init__(self, model: nn.Module, tokenizer: Any, max_length: int = 512, cache_size: int = 4096):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
