@@ -33,6 +33,7 @@ NOISE = (
     "wandb sync",
     "Experiment logs directory",
     "script_method",
+    "was called before the ``update`` method",
     "\r",
 )
 
@@ -166,7 +167,7 @@ def test_edit_grids_are_labelled_columns_with_the_instruction_under_each_row() -
 
     from varedit_lab.images import labelled_grid
 
-    red = torch.zeros(2, 3, 32, 32)
+    red = -torch.ones(2, 3, 32, 32)  # images in [-1, 1]
     red[:, 0] = 1
     short = labelled_grid([red, red, red], ["make it blue", "remove the square"])
     long = labelled_grid([red, red, red], ["make it blue", "remove the square " * 10])

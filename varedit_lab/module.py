@@ -323,8 +323,8 @@ class EditorModule(pl.LightningModule):
             copied = self.tokenizer.decode([b[:n] for b in source_bits], self.schedule)
             edited = EditQuality.per_sample(images[has_mask], source[has_mask], target[has_mask], mask)
             copy = EditQuality.per_sample(copied[has_mask], source[has_mask], target[has_mask], mask)
-            self.val_quality.update_values(edited)
-            self.copy_quality.update_values(copy)
+            self.val_quality.update(values=edited)
+            self.copy_quality.update(values=copy)
             for j, row in enumerate(torch.nonzero(has_mask).flatten().tolist()):
                 record = self._sample_record(batch, row)
                 record.update({name: float(edited[name][j]) for name in ("success", "preservation", "balance")})
