@@ -144,7 +144,6 @@ class ConsoleProgress(pl.Callback):
         self.lines = lines
         self._start = 0.0
         self._start_step = 0
-        self._validated = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start, self._start_step = time.perf_counter(), trainer.global_step
@@ -172,7 +171,6 @@ class ConsoleProgress(pl.Callback):
             return
         values = self._values(trainer, self.val_metrics)
         if values:
-            self._validated = True
             self.console.say(f"{self.label}: validation at step {trainer.global_step}: {values}")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
