@@ -196,6 +196,9 @@ class ConditioningStrategy(ABC):
         """
         scale = 2 if patchify else 1
         blocks = [latent_to_tokens(source_latent, (h * scale, w * scale), patchify) for h, w in self.source_grids(schedule)]
+        if not blocks:  # no source in the sequence (text_only): an empty block keeps batch size and width
+            channels = source_latent.shape[1] * (4 if patchify else 1)
+            return source_latent.new_zeros(source_latent.shape[0], 0, channels)
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
     def plan(self, source_latent: torch.Tensor, schedule: ScaleSchedule, rope_layout: str, patchify: bool) -> ConditioningPlan:

@@ -1,4 +1,7 @@
-"""Strategy registry: a name, or ``package.module:Class`` for a strategy outside the repository."""
+"""Strategy registry: a name, a preset, or ``package.module:Class`` for a strategy outside the repository.
+
+A *preset* is a strategy with options under a name of its own (``full_scale_all``), so that a sweep
+can list it as one value of ``conditioning.name`` (W&B sweeps have no per-value options)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,11 @@ BUILTIN: dict[str, str] = {
     "full_scale": "conditioning.full_scale:FullScale",
     "max_scale": "conditioning.max_scale:MaxScale",
     "sar": "conditioning.sar:SAR",
+    "text_only": "conditioning.text_only:TextOnly",
+}
+# Presets: name -> (strategy, options). Options given in the config override the preset's.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "full_scale_all": ("full_scale", {"visibility": "all"}),  # the paper's Eq. 4: every target scale sees every source scale
 }
 _registered: dict[str, type[ConditioningStrategy]] = {}
 
@@ -23,7 +31,7 @@ def register(cls: type[ConditioningStrategy]) -> type[ConditioningStrategy]:
 
 
 def available() -> list[str]:
-    return sorted(set(BUILTIN) | set(_registered))
+    return sorted(set(BUILTIN) | set(PRESETS) | set(_registered))
 
 
 def _import(path: str) -> type[ConditioningStrategy]:
@@ -43,13 +51,16 @@ def resolve(name: str) -> type[ConditioningStrategy]:
         return _registered[name]
     if name in BUILTIN:
         return _import(BUILTIN[name])
+    if name in PRESETS:
+        return resolve(PRESETS[name][0])
     if ":" in name:
         return _import(name)
     raise KeyError(f"unknown conditioning strategy {name!r}; registered: {available()} (or use 'package.module:Class')")
 
 
 def build(name: str, options: dict[str, Any] | None = None) -> ConditioningStrategy:
-    return resolve(name).from_dict(options)
+    preset = PRESETS.get(name, (name, {}))[1] if name not in _registered else {}
+    return resolve(name).from_dict({**preset, **(options or {})})
 
 
 def validate_options(name: str, options: dict[str, Any] | None) -> None:

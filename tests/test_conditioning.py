@@ -158,3 +158,19 @@ def test_dotted_path_and_register():
     assert "test_plugin" in available()
     layout = build("test_plugin").layout(SCHED_256, "paper")
     assert not layout.token_mask(0)[258, 256]
+
+
+def test_presets_and_text_only_are_registered_strategies():
+    """A preset is a strategy with options under its own name (one sweep value); text_only has no source."""
+    assert {"full_scale_all", "text_only"} <= set(available())
+    preset = build("full_scale_all")
+    assert preset.name == "full_scale" and preset.options.visibility == "all"
+    assert build("full_scale_all", {"source_levels": "finest"}).options.visibility == "all"  # config options add to the preset's
+    assert build("full_scale_all", {"visibility": "coarser"}).options.visibility == "coarser"  # ... and override them
+    all_visible = build("full_scale_all").layout(SCHED_256, "paper").default_visibility.visible
+    k = SCHED_256.num_scales
+    assert all_visible[k:, :k].all()  # every target scale sees every source scale (paper Eq. 4)
+    text_only = build("text_only").layout(SCHED_256, "paper")
+    assert text_only.num_source_blocks == 0 and text_only.length == SCHED_256.total
+    with pytest.raises(KeyError, match="full_scale_all"):
+        build("full_scale_al")

@@ -96,7 +96,8 @@ def test_notebook_executes_headless(tmp_path, monkeypatch):
     work = tmp_path / "work"
     for strategy in STRATEGIES:
         probe_dir = work / "probes" / strategy
-        assert sorted(p.name for p in probe_dir.iterdir()) == ["attention_maps.png", "block_mass.png", "locality.png", "probe.json"]
+        assert sorted(p.name for p in probe_dir.iterdir()) == ["alignment.md", "alignment.png", "attention_maps.png", "block_mass.png",
+                                                              "locality.png", "probe.json"]
         assert json.loads((probe_dir / "probe.json").read_text())["strategy"]["name"] == strategy
         assert (work / "runs" / f"{strategy}-s0" / "checkpoints" / "last.ckpt").is_file()
     assert (work / "tokenizer" / "tokenizer.pt").is_file() and (work / "strategy_comparison.png").is_file()

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The fixture editor was trained with an untrained tokenizer, which checkpoints do not store.
 pytestmark = pytest.mark.filterwarnings("ignore:.*untrained tokenizer:UserWarning")
 PNGS = ["attention_maps.png", "block_mass.png", "locality.png"]
+ALIGNMENT = ["alignment.md", "alignment.png"]  # the Fig. 3 section of every offline probe
 
 
 def assert_rows_sum_to_one(data: dict) -> None:
@@ -39,8 +40,8 @@ def test_cli_writes_probe_json_and_pngs(tmp_path, tiny_editor_checkpoint, synthe
     code = main(["probe", "--ckpt", str(tiny_editor_checkpoint), "--data", synthetic_shards["val"], "--layers", "0", "-1",
                  "--samples", "3", "--batch-size", "2", "--out", str(out)])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(PNGS + ["probe.json"])
-    assert all((out / name).stat().st_size > 1000 for name in PNGS)
+    assert sorted(p.name for p in out.iterdir()) == sorted(PNGS + ALIGNMENT + ["probe.json"])
+    assert all((out / name).stat().st_size > 1000 for name in PNGS + ALIGNMENT)
     data = json.loads((out / "probe.json").read_text())
     assert data["strategy"]["name"] == "sar"  # the fixture's config
     config = data["config"]
@@ -54,8 +55,12 @@ def test_cli_writes_probe_json_and_pngs(tmp_path, tiny_editor_checkpoint, synthe
     assert "ref@4x4" in data["layers"]["0"]["key_blocks"] and "ref@4x4" not in data["layers"]["1"]["key_blocks"]
     assert_rows_sum_to_one(data)
     assert {m["layer"] for m in data["maps"]} == {0, 1}
+    fig3 = data["fig3"]  # SAR's layer 0 sees only its own reference: the layer-1 claim is not testable there
+    assert [v["outcome"] for v in fig3["verdicts"]][0] == "not testable" and fig3["min_lift"] == 2.0
+    assert "| paper (Fig. 3) | our numbers | verdict |" in (out / "alignment.md").read_text()
     printed = capsys.readouterr()
     assert "| sar | 0 → 1 |" in printed.out and "probe.json" in printed.err
+    assert "NOT TESTABLE" in printed.out and "alignment.md" in printed.err
 
 
 def test_probe_checkpoint_is_independent_of_batching(tiny_editor_checkpoint, synthetic_shards):
@@ -83,7 +88,7 @@ def test_cli_maps_flag_without_layers_keeps_no_maps(tmp_path, tiny_editor_checkp
     out = tmp_path / "nomaps"
     assert main(["probe", "--ckpt", str(tiny_editor_checkpoint), "--data", synthetic_shards["val"], "--samples", "2",
                  "--heads", "1", "--maps", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["block_mass.png", "locality.png", "probe.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["block_mass.png", "locality.png", "probe.json"] + ALIGNMENT)
     data = json.loads((out / "probe.json").read_text())
     assert data["maps"] == [] and data["config"]["heads"] == [1]
 
@@ -136,7 +141,8 @@ def test_compare_strategies_figure_and_table(tmp_path):
     assert (tmp_path / "cmp.png").stat().st_size > 5000
     assert len(fig.axes) == 4 and len(fig.axes[0].lines) == 6  # first and last layer per strategy
     table = summary_markdown(results)
-    assert table.count("\n") == 5 and "| sar | 0 → 1 |" in table and "–" in table  # SAR layer-0 locality
+    assert table.count("\n") == 7 and "| sar | 0 → 1 |" in table and "–" in table  # SAR layer-0 locality
+    assert "fixed by the attention mask" in table  # max-scale / SAR same-scale shares are structural
     with pytest.raises(ValueError):
         compare_strategies({})
 
@@ -176,16 +182,17 @@ def test_probes_config_wires_the_callback(tmp_path, synthetic_shards):
 # demo
 
 
-def _fake_run(runs: Path, name: str, checkpoint: dict, strategy: str, seed: int, status: str, val_shards: str) -> Path:
+def _fake_run(runs: Path, name: str, checkpoint: dict, strategy: str, seed: int, status: str, val_shards: str,
+              options: dict | None = None) -> Path:
     """A sweep run made of the fixture checkpoint relabelled to ``strategy``: the strategies add no
     parameters, so the same weights load and run under every strategy."""
     run = runs / name
     (run / "checkpoints").mkdir(parents=True)
     config = json.loads(json.dumps(checkpoint["varedit_config"]))
-    config["conditioning"] = {"name": strategy, "options": {}}
+    config["conditioning"] = {"name": strategy, "options": dict(options or {})}
     config["seed"], config["data"]["val_shards"] = seed, val_shards
     torch.save({**checkpoint, "varedit_config": config}, run / "checkpoints" / "last.ckpt")
-    summary = {"status": status, "config": config, "strategy": {"name": strategy}, "metrics": {}}
+    summary = {"status": status, "config": config, "strategy": {"name": strategy, **(options or {})}, "metrics": {}}
     (run / "summary.json").write_text(json.dumps(summary))
     return run
 
@@ -229,5 +236,32 @@ def test_probe_best_run_alone(tmp_path, tiny_editor_checkpoint, synthetic_shards
     run = _fake_run(tmp_path / "runs", "sar-s0", checkpoint, "sar", 0, "completed", synthetic_shards["val"])
     out = tmp_path / "probes"
     probe_best_run(run, out, io.StringIO())
-    assert sorted(p.name for p in out.iterdir()) == sorted(PNGS + ["probe.json", "probes.md"])
-    assert "| sar | 0 → 1 |" in (out / "probes.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == sorted(PNGS + ALIGNMENT + ["probe.json", "probes.md"])
+    report = (out / "probes.md").read_text()
+    assert "| sar | 0 → 1 |" in report and "## Attention vs the paper's Fig. 3" not in report  # no full-scale run
+
+
+def test_probe_best_run_reports_fig3_for_the_paper_setting(tmp_path, tiny_editor_checkpoint, synthetic_shards):
+    """Full-scale runs that differ in visibility are probed separately; probes.md ends with the Fig. 3
+    section of the paper's setting (every source scale visible), its plot path relative to probes.md."""
+    from varedit_lab.demo import probe_best_run
+
+    checkpoint = torch.load(tiny_editor_checkpoint, map_location="cpu", weights_only=False)
+    runs = tmp_path / "runs"
+    val = synthetic_shards["val"]
+    best = _fake_run(runs, "sar-s0", checkpoint, "sar", 0, "completed", val)
+    _fake_run(runs, "full-all-s0", checkpoint, "full_scale", 0, "completed", val, {"visibility": "all"})
+    _fake_run(runs, "full-coarser-s0", checkpoint, "full_scale", 0, "completed", val, {"visibility": "coarser"})
+    assert {k: v.name for k, v in runs_by_strategy(runs).items()} == {
+        "full_scale[visibility=all]": "full-all-s0", "full_scale[visibility=coarser]": "full-coarser-s0", "sar": "sar-s0"}
+    out = tmp_path / "probes"
+    probe_best_run(best, out, io.StringIO())
+    report = (out / "probes.md").read_text()
+    assert "| full_scale[visibility=all] | 0 → 1 |" in report and "| full_scale[visibility=coarser] | 0 → 1 |" in report
+    section = report.split("## Attention vs the paper's Fig. 3 statement")
+    assert len(section) == 2 and "(visibility: all" in section[1] and "is not, so" not in section[1]
+    assert "![attention vs Fig. 3](strategies/full-all-s0/alignment.png)" in section[1]
+    assert (out / "strategies" / "full-all-s0" / "alignment.png").is_file()
+    data = json.loads((out / "strategies" / "full-all-s0" / "probe.json").read_text())
+    assert data["strategy"] == {"name": "full_scale", "visibility": "all", "source_levels": "per_scale"}
+    assert data["fig3"]["verdicts"][0]["outcome"] in ("supported", "mixed", "not supported")  # testable

@@ -364,7 +364,7 @@ def test_shipped_sweep_files_validate_and_resolve(path, monkeypatch):
 def test_conditioning_ablation_is_the_paper_grid():
     spec = load_sweep(experiments_dir() / "sweeps" / "conditioning_ablation.yaml")
     names = [p.name for p in grid_proposals(spec)]
-    assert names == [f"{s}-s{k}" for s in ("full_scale", "max_scale", "sar") for k in (0, 1, 2)]
+    assert names == [f"{s}-s{k}" for s in ("max_scale", "sar", "full_scale_all") for k in (0, 1, 2, 3)]
 
 
 # -- W&B agent compatibility ---------------------------------------------------------------------

@@ -7,33 +7,57 @@ an interrupted demo resumes. ``quick`` runs one seed with fewer steps.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+
 from varedit_lab.config import experiments_dir, load_config
+from varedit_lab.data.synth import write_synthetic_shards
+from varedit_lab.eval.cost import measure_cost, write_cost
+from varedit_lab.model.layout import ScaleSchedule
+from varedit_lab.sweep import SweepOptions, load_sweep, run_sweep, write_report
+from varedit_lab.sweep.spec import grid_values
+from varedit_lab.tokenizer import load_tokenizer
+from varedit_lab.tokenizer.precompute import MANIFEST, precompute_shards
+from varedit_lab.training import train
 
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """What each mode runs (sized for a 2-core CPU: full <= 20 min, quick <= 5 min)."""
+    """What a mode runs. ``None`` steps take the config's own (the YAML is the recipe)."""
 
-    sweep_file: str
-    tokenizer_steps: int
-    editor_steps: int
-    val_every: int
+    sweep_file: str  # under experiments/
+    suite: str  # `data synth --suite`
+    image_size: int
+    tokenizer_config: str  # under experiments/; its `name` is the tokenizer's run folder
+    editor_config: str  # the sweep's base config (cost is measured on it)
+    tokenizer_steps: int | None = None
+    editor_steps: int | None = None
+    val_every: int | None = None
     train_samples: int = 4096
+    precompute: bool = False  # store the tokenizer's latents/bits once for every run of the sweep
+    measure_cost: bool = False  # time every arm alone before the sweep (cost.json for the report)
+    shared_tokenizer: bool = True  # train it where the experiments/ configs expect it (runs/<name>)
     overrides: tuple[str, ...] = ()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path("data") / f"{self.suite if self.suite != 'flat' else 'synthetic'}{self.image_size}"
 
 
 MODES: dict[str, DemoPlan] = {
-    # Measured on a 2-core CPU: tokenizer 1200 steps ~2 min (~24.5 dB); editor 0.32 s (SAR) to 0.41 s
-    # (full-scale) per step at batch 32, and 250 steps already beat the copy baseline clearly.
-    "full": DemoPlan("sweeps/conditioning_ablation.yaml", tokenizer_steps=1200, editor_steps=250, val_every=125),
-    "quick": DemoPlan("sweeps/conditioning_ablation_quick.yaml", tokenizer_steps=400, editor_steps=120, val_every=120,
-                      train_samples=2048),
+    # The decisive ablation (issue 13) on the textured benchmark at 96 px: max-scale, SAR and
+    # full-scale (all-scale visibility) x 4 paired seeds, 300 steps each, trainable word encoder.
+    "full": DemoPlan("sweeps/conditioning_ablation.yaml", "textured", 96, "tokenizer/textured96.yaml", "synthetic/textured96.yaml",
+                     precompute=True, measure_cost=True),
+    # <= 5 minutes: the flat 64 px suite, one seed per strategy, a short tokenizer of its own.
+    "quick": DemoPlan("sweeps/conditioning_ablation_quick.yaml", "flat", 64, "tokenizer/synthetic64.yaml", "synthetic/base.yaml",
+                      tokenizer_steps=400, editor_steps=120, val_every=120, train_samples=2048, shared_tokenizer=False,
+                      overrides=("text.kind=words",)),
 }
 
 
@@ -47,11 +71,17 @@ class DemoPaths:
     timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, root: Path, mode: str) -> "DemoPaths":
-        # The full demo trains the tokenizer experiments/synthetic/*.yaml point at; the quick one
-        # trains a shorter one of its own (so it never stands in for the full one).
-        tokenizer = Path("runs/tokenizer-synthetic64") if mode == "full" else root / mode / "tokenizer-synthetic64"
-        return cls(root, Path("data/synthetic64"), tokenizer, root / mode / "sweep", root / mode / "probes")
+    def create(cls, root: Path, mode: str, plan: DemoPlan | None = None) -> "DemoPaths":
+        # The full demo trains the tokenizer where experiments/synthetic/*.yaml point (runs/<name>);
+        # the quick one trains a shorter one of its own (so it never stands in for the full one).
+        plan = plan or MODES[mode]
+        name = str(load_config(experiments_dir() / plan.tokenizer_config).name)
+        tokenizer = Path("runs") / name if plan.shared_tokenizer else root / mode / name
+        return cls(root, plan.data_dir, tokenizer, root / mode / "sweep", root / mode / "probes")
+
+    @property
+    def precomputed(self) -> Path:
+        return self.data / "precomputed"
 
 
 def _say(out: TextIO, message: str) -> None:
@@ -66,11 +96,11 @@ def ensure_data(paths: DemoPaths, plan: DemoPlan, out: TextIO) -> None:
             _say(out, f"data: reusing {paths.data} ({have} training pairs)")
             return
         _say(out, f"data: {paths.data} has {have} training pairs, this mode wants {plan.train_samples}: regenerating")
-    from varedit_lab.data.synth import write_synthetic_shards
-
-    _say(out, f"data: generating the synthetic edit benchmark into {paths.data}")
-    write_synthetic_shards(paths.data, {"train": plan.train_samples, "val": 64, "test": 256}, image_size=64, seed=0,
-                           overwrite=manifest.is_file())
+    _say(out, f"data: generating the {plan.suite} edit benchmark at {plan.image_size} px into {paths.data}")
+    write_synthetic_shards(paths.data, {"train": plan.train_samples, "val": 64, "test": 256}, image_size=plan.image_size, seed=0,
+                           overwrite=manifest.is_file(), suite=plan.suite)
+    if paths.precomputed.exists():  # codes of the old images
+        shutil.rmtree(paths.precomputed)
 
 
 def ensure_tokenizer(paths: DemoPaths, plan: DemoPlan, out: TextIO) -> Path:
@@ -78,33 +108,72 @@ def ensure_tokenizer(paths: DemoPaths, plan: DemoPlan, out: TextIO) -> Path:
     if checkpoint.is_file():
         _say(out, f"tokenizer: reusing {checkpoint}")
         return checkpoint
-    from varedit_lab.training import train
-
-    _say(out, f"tokenizer: training {plan.tokenizer_steps} steps")
-    config = experiments_dir() / "tokenizer" / "synthetic64.yaml"
-    cfg = load_config(config, [f"trainer.max_steps={plan.tokenizer_steps}", "trainer.progress_bar=false", f"output_dir={paths.tokenizer_run.parent}",
+    config = experiments_dir() / plan.tokenizer_config
+    steps = [f"trainer.max_steps={plan.tokenizer_steps}"] if plan.tokenizer_steps else []
+    cfg = load_config(config, [*steps, "trainer.progress_bar=false", f"output_dir={paths.tokenizer_run.parent}",
                                f"name={paths.tokenizer_run.name}", f"data.train_shards={paths.data}/train-*.tar",
                                f"data.val_shards={paths.data}/val-*.tar"])
+    _say(out, f"tokenizer: training {cfg.trainer.max_steps} steps ({plan.tokenizer_config})")
     train(cfg, config)
     if not checkpoint.is_file():
         raise RuntimeError(f"tokenizer training finished without writing {checkpoint}")
     return checkpoint
 
 
-def run_ablation(paths: DemoPaths, plan: DemoPlan, tokenizer: Path, parallel: int, out: TextIO) -> int:
-    from varedit_lab.sweep import SweepOptions, load_sweep, run_sweep
-
-    spec = load_sweep(experiments_dir() / plan.sweep_file)
-    overrides = [
+def editor_overrides(paths: DemoPaths, plan: DemoPlan, tokenizer: Path) -> list[str]:
+    """What every run of the sweep (and the cost stage) gets on top of the sweep's base config."""
+    shards = paths.precomputed if plan.precompute else paths.data
+    steps = [f"trainer.max_steps={plan.editor_steps}"] if plan.editor_steps else []
+    steps += [f"trainer.val_every_n_steps={plan.val_every}"] if plan.val_every else []
+    return [
         f"tokenizer.checkpoint={tokenizer.resolve()}",
-        f"data.train_shards={paths.data.resolve()}/train-*.tar",
-        f"data.val_shards={paths.data.resolve()}/val-*.tar",
-        f"trainer.max_steps={plan.editor_steps}",
-        f"trainer.val_every_n_steps={plan.val_every}",
+        f"data.train_shards={shards.resolve()}/train-*.tar",
+        f"data.val_shards={shards.resolve()}/val-*.tar",
+        f"text.vocabulary={(paths.data / 'vocab.txt').resolve()}",
+        *steps,
         "trainer.progress_bar=false",
         *plan.overrides,
     ]
-    _say(out, f"sweep: {spec.name} ({len(spec.parameters)} parameters), {plan.editor_steps} steps per run")
+
+
+def ensure_precomputed(paths: DemoPaths, plan: DemoPlan, tokenizer: Path, out: TextIO) -> None:
+    """The tokenizer's source latents and target bits of every train/val sample, stored once
+    (``data precompute``): the sweep's runs then never run the VAE encoder."""
+    manifest = paths.precomputed / MANIFEST
+    if manifest.is_file() and json.loads(manifest.read_text()).get("tokenizer_checkpoint") == str(tokenizer.resolve()):
+        _say(out, f"precompute: reusing {paths.precomputed}")
+        return
+    cfg = load_config(experiments_dir() / plan.editor_config, [f"tokenizer.checkpoint={tokenizer}", *plan.overrides])
+    tokenizer_model = load_tokenizer(tokenizer, cfg.tokenizer)
+    schedule = ScaleSchedule.from_scales(list(cfg.model.scales))
+    _say(out, f"precompute: tokenizer codes of {paths.data} -> {paths.precomputed}")
+    for split in ("train", "val"):
+        precompute_shards(f"{paths.data}/{split}-*.tar", paths.precomputed, tokenizer_model, schedule, plan.image_size, split=split,
+                          overwrite=True, provenance={"tokenizer_checkpoint": str(tokenizer.resolve())})
+
+
+def ensure_cost(paths: DemoPaths, plan: DemoPlan, tokenizer: Path, spec_arms: list[str], out: TextIO) -> Path:
+    path = paths.sweep / "cost.json"
+    if path.is_file():
+        _say(out, f"cost: reusing {path}")
+        return path
+    _say(out, f"cost: timing {', '.join(spec_arms)} alone (train step, edit) before the sweep")
+    cost = measure_cost(experiments_dir() / plan.editor_config, {arm: [f"conditioning.name={arm}"] for arm in spec_arms},
+                        editor_overrides(paths, plan, tokenizer))
+    for arm, values in cost["strategies"].items():
+        _say(out, f"cost: {arm}: {values['train_step_s']:.2f} s/step, {values['edit_s']:.2f} s/edit, {values['seq_len']} tokens")
+    return write_cost(path, cost)
+
+
+def sweep_arms(plan: DemoPlan) -> list[str]:
+    spec = load_sweep(experiments_dir() / plan.sweep_file)
+    return [str(v) for v in grid_values("conditioning.name", spec.parameters.get("conditioning.name", {})) or []]
+
+
+def run_ablation(paths: DemoPaths, plan: DemoPlan, tokenizer: Path, parallel: int, out: TextIO) -> int:
+    spec = load_sweep(experiments_dir() / plan.sweep_file)
+    overrides = editor_overrides(paths, plan, tokenizer)
+    _say(out, f"sweep: {spec.name}: {spec.raw.get('description', '')}")
     result = run_sweep(spec, SweepOptions(parallel=parallel, sweep_dir=paths.sweep, overrides=overrides), out=out)
     return result.exit_code
 
@@ -129,7 +198,12 @@ def run_demo(mode: str = "full", root: str | Path = "runs/demo", parallel: int =
     stages = [("data", lambda: ensure_data(paths, plan, out))]
     tokenizer: dict[str, Path] = {}
     stages.append(("tokenizer", lambda: tokenizer.setdefault("path", ensure_tokenizer(paths, plan, out))))
+    if plan.precompute:
+        stages.append(("precompute", lambda: ensure_precomputed(paths, plan, tokenizer["path"], out)))
     stages.append(("sweep", lambda: run_ablation(paths, plan, tokenizer["path"], parallel, out)))
+    if plan.measure_cost:  # after the sweep: the arms are timed alone on the machine, not beside its runs
+        stages.append(("cost", lambda: str(ensure_cost(paths, plan, tokenizer["path"], sweep_arms(plan), out))))
+        stages.append(("report", lambda: str(write_report(paths.sweep, wandb=False, out=out)["report"])))
     results: dict[str, Any] = {}
     for name, stage in stages:
         t0 = time.perf_counter()
@@ -158,10 +232,10 @@ def run_demo(mode: str = "full", root: str | Path = "runs/demo", parallel: int =
     _say(out, f"done in {total / 60:.1f} min ({stages} min; stages reused from an earlier run take seconds)")
     for key in ("report", "best_run", "probes", "tokenizer", "data"):
         _say(out, f"{key}: {summary[key]}")
-    if paths.tokenizer_run != DemoPaths.create(Path(root), "full").tokenizer_run:
-        # experiments/synthetic/*.yaml read the full demo's tokenizer; this mode trained its own
+    if not plan.shared_tokenizer:
+        # the experiments/ configs read runs/<tokenizer name>/tokenizer.pt; this mode trained a shorter one elsewhere
         _say(out, f"the README's editor commands need a tokenizer: add tokenizer.checkpoint={tokenizer.get('path')} "
-                  "(or train experiments/tokenizer/synthetic64.yaml first)")
+                  f"(or first: varedit-lab train experiments/{plan.tokenizer_config})")
     return summary
 
 
@@ -171,9 +245,13 @@ def probe_best_run(run_dir: Path, out_dir: Path, out: TextIO) -> str:
     The best run's ``checkpoints/last.ckpt`` is probed on the first 8 validation samples of its own
     config (every layer) into ``out_dir/probe.json`` + PNGs. When the sweep's ``runs/`` folder also
     holds completed runs of other strategies, one run per strategy (the lowest seed) is probed into
-    ``out_dir/strategies/<run>/``; ``strategy_comparison.png`` and ``probes.md`` (first vs last layer
-    per strategy) compare them. Seconds per run on a CPU for the demo's models.
+    ``out_dir/strategies/<run>/`` (runs of one strategy with different options, e.g. full-scale
+    ``visibility`` all vs coarser, count as different strategies); ``strategy_comparison.png`` and
+    ``probes.md`` (first vs last layer per strategy) compare them, and ``probes.md`` ends with the
+    paper's Fig. 3 statement next to the full-scale model's numbers (``alignment_markdown``: the
+    paper's setting, visibility all, when the sweep has it). Seconds per run on a CPU for the demo's models.
     """
+    from varedit_lab.probes.alignment import alignment_markdown, is_paper_setting
     from varedit_lab.probes.compare import compare_strategies, summary_markdown
     from varedit_lab.probes.run import probe_checkpoint, runs_by_strategy
 
@@ -181,10 +259,11 @@ def probe_best_run(run_dir: Path, out_dir: Path, out: TextIO) -> str:
     settings: dict[str, Any] = {"num_samples": 8, "batch_size": 8}
     t0 = time.perf_counter()
     best = probe_checkpoint(run_dir / "checkpoints" / "last.ckpt", out_dir=out_dir, **settings)
-    best_strategy = str(best.layout.description.get("name"))
+    siblings = runs_by_strategy(run_dir.parent, prefer=run_dir)
+    best_strategy = next((label for label, run in siblings.items() if run == run_dir), str(best.layout.description.get("name")))
     _say(out, f"probes: {run_dir.name} ({best_strategy}) -> {out_dir} in {time.perf_counter() - t0:.0f} s")
     results, places = {best_strategy: best}, {best_strategy: (run_dir.name, ".")}
-    for strategy, run in runs_by_strategy(run_dir.parent, prefer=run_dir).items():
+    for strategy, run in siblings.items():
         if strategy in results:
             continue
         t0 = time.perf_counter()
@@ -199,15 +278,21 @@ def probe_best_run(run_dir: Path, out_dir: Path, out: TextIO) -> str:
     lines = ["# Attention probes (paper §3.2.2)", "",
              f"Best run `{run_dir.name}` ({best_strategy}); every layer, the first {settings['num_samples']} validation samples.", "",
              "| strategy | run | outputs |", "|---|---|---|"]
-    lines += [f"| {name} | `{places[name][0]}` | `{places[name][1]}/` (probe.json, PNGs) |" for name in results]
+    lines += [f"| {name} | `{places[name][0]}` | `{places[name][1]}/` (probe.json, PNGs, alignment.md) |" for name in results]
     lines += ["", "First → last layer, means over target scales 1..K-1 (SOS excluded):", "", summary_markdown(results).rstrip(), "",
               "The paper: layer 1 spreads its attention over the corresponding and coarser source scales (SAR: over",
-              "its own pooled reference, same-scale share 1); deeper layers are local (locality well above the",
-              "uniform value in parentheses, diagonality > 1) on the finest source. Tiny CPU models trained for a",
-              "few hundred steps need not show it; the numbers say what these models do."]
+              "its own pooled reference, a same-scale share of 1 that the mask fixes); deeper layers are local (locality",
+              "well above the uniform value in parentheses, diagonality > 1) on the finest source. The section below",
+              "decides this for the full-scale model(s) with declared rules; the numbers say what these models do."]
     if len(results) > 1:
         compare_strategies(results, out_dir / "strategy_comparison.png")
         lines += ["", "![strategy comparison](strategy_comparison.png)"]
+    # The paper's Fig. 3 model: full-scale with every source scale visible (else any full-scale model).
+    full = [name for name, r in results.items() if is_paper_setting(r.layout.description)]
+    full = full or [name for name, r in results.items() if r.layout.description.get("name") == "full_scale"]
+    for name in full:
+        image = "alignment.png" if places[name][1] == "." else f"{places[name][1]}/alignment.png"
+        lines += ["", alignment_markdown(results[name], image=image, num_samples=settings["num_samples"]).rstrip()]
     (out_dir / "probes.md").write_text("\n".join(lines) + "\n")
     _say(out, f"probes: {len(results)} strateg{'y' if len(results) == 1 else 'ies'} in {out_dir / 'probes.md'}")
     return str(out_dir)

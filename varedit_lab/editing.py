@@ -4,8 +4,8 @@
 conditioning strategy, the scale schedule and the sampling defaults. It is built from
 
 * a Lightning checkpoint of this repository (:meth:`Editor.from_checkpoint`),
-* a released VAREdit folder: transformer ``.pth``, Infinity VAE ``.pth`` and a local ``flan-t5-xl``
-  folder (:meth:`Editor.from_released`, layout in :func:`resolve_released`),
+* released VAREdit weights: a folder or the hub id (:meth:`Editor.from_released`; layout and hub
+  knowledge in :mod:`varedit_lab.released`),
 * a reference fixture (:meth:`Editor.from_fixture`): its weights, with its stored text embeddings
   standing in for the text encoder that fixtures do not carry.
 
@@ -13,14 +13,14 @@ Inference follows the release (reference-model.md section 12): the input is padd
 white canvas anchored at the top-left, LANCZOS-resized to the model resolution and mapped to
 [-1, 1]; the transformer decodes scale by scale with a KV cache and classifier-free guidance on the
 logits (any batch size); the output is cropped back to the input's aspect ratio and resized to the
-input's size. On CUDA the transformer runs under bf16 autocast (the VAE stays fp32, as the
-reference encodes/decodes in fp32); on CPU everything is fp32.
+input's size. On CUDA (precision ``bf16``) the transformer blocks are stored in bf16 and run under
+bf16 autocast, the other transformer weights and the VAE stay fp32, as in the reference; on CPU
+everything is fp32 unless ``precision="bf16"`` is asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,22 +32,10 @@ import torch
 from PIL import Image
 
 from varedit_lab.model.transformer import TextFeatures
+from varedit_lab.released import ReleasedFiles, released_config, resolve_released
 
 ImageInput = Union[Image.Image, str, Path, torch.Tensor]
 
-# Released VAREdit transformers are named {size}-{resolution}.pth (2B-512.pth, 8B-512.pth,
-# 8B-1024.pth); 256 is accepted for the 2B stage-1 resolution.
-RELEASED_NAME = re.compile(r"^(?P<size>[28])B-(?P<res>256|512|1024)\.pth$", re.IGNORECASE)
-# The Infinity VAE each released size reads, by its Infinity file name and architecture
-# (reference-model.md section 3.1).
-RELEASED_VAE_FILES = {"2b": "infinity_vae_d32reg.pth", "8b": "infinity_vae_d56_f8_14_patchify.pth"}
-RELEASED_VAE_ARCH: dict[str, dict[str, Any]] = {
-    "2b": dict(codebook_dim=32, patch_size=16, base_ch=128, encoder_ch_mult=[1, 2, 4, 4, 4], decoder_ch_mult=[1, 2, 4, 4, 4],
-               num_res_blocks=2, norm_num_groups=32, apply_spatial_patchify=False),
-    "8b": dict(codebook_dim=14, patch_size=8, base_ch=128, encoder_ch_mult=[1, 2, 4, 4], decoder_ch_mult=[1, 2, 4, 4],
-               num_res_blocks=2, norm_num_groups=32, apply_spatial_patchify=True),
-}
-RELEASED_T5_DIR = "flan-t5-xl"
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -147,114 +135,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 # -------------------------------------------------------------------------------------------------
-# released folder layout
-@dataclass(frozen=True)
-class ReleasedFiles:
-    transformer: Path
-    vae: Path
-    text_encoder: Path
-    size: str  # "2b" | "8b"
-    resolution: int
-
-
-def _parse_released_name(path: Path) -> tuple[str | None, int | None]:
-    m = RELEASED_NAME.match(path.name)
-    return (f"{m.group('size')}b", int(m.group("res"))) if m else (None, None)
-
-
-def resolve_released(
-    directory: str | Path | None = None,
-    *,
-    model: str | None = None,
-    transformer: str | Path | None = None,
-    vae: str | Path | None = None,
-    text_encoder: str | Path | None = None,
-    size: str | None = None,
-    resolution: int | None = None,
-) -> ReleasedFiles:
-    """Find the files of a released VAREdit model; explicit paths win over the folder convention.
-
-    Folder layout (the names of the VAREdit and Infinity releases)::
-
-        DIR/
-          2B-512.pth | 8B-512.pth | 8B-1024.pth    VAREdit transformer: {size}-{resolution}.pth
-          infinity_vae_d32reg.pth                  Infinity VAE of the 2B model
-          infinity_vae_d56_f8_14_patchify.pth      Infinity VAE of the 8B model
-          flan-t5-xl/                              Hugging Face T5 folder (config, tokenizer, weights)
-
-    ``model`` ("8B-1024") picks the transformer when the folder holds several. Size and resolution
-    come from the transformer's file name unless given. Raises :class:`FileNotFoundError` listing
-    everything that is missing.
-    """
-    root = Path(directory) if directory is not None else None
-    problems: list[str] = []
-    if root is not None and not root.is_dir():
-        raise FileNotFoundError(f"--released {root}: not a directory (expected {RELEASED_LAYOUT_HELP})")
-    if transformer is None and root is not None:
-        candidates = sorted(p for p in root.glob("*.pth") if RELEASED_NAME.match(p.name))
-        if model is not None:
-            wanted = model if model.lower().endswith(".pth") else f"{model}.pth"
-            candidates = [p for p in candidates if p.name.lower() == wanted.lower()]
-        if len(candidates) == 1:
-            transformer = candidates[0]
-        elif not candidates:
-            problems.append(f"no transformer {'named ' + repr(model) if model else '{2B,8B}-{256,512,1024}.pth'} in {root}")
-        else:
-            problems.append(f"several transformers in {root}: {[p.name for p in candidates]}; choose one with --model (e.g. {candidates[0].stem})")
-    name_size, name_res = _parse_released_name(Path(transformer)) if transformer is not None else (None, None)
-    size = (size or name_size or "").lower() or None
-    resolution = resolution or name_res
-    if transformer is not None and not Path(transformer).is_file():
-        problems.append(f"transformer {transformer}: no such file")
-    if transformer is not None and (size not in RELEASED_VAE_FILES or resolution is None):
-        problems.append(f"{Path(transformer).name}: cannot tell size/resolution from the name; pass size ('2b'/'8b') and resolution")
-    if vae is None and root is not None and size in RELEASED_VAE_FILES:
-        vae = root / RELEASED_VAE_FILES[size]
-    if vae is None or not Path(vae).is_file():
-        expected = RELEASED_VAE_FILES.get(size or "", " or ".join(RELEASED_VAE_FILES.values()))
-        problems.append(f"VAE {vae if vae is not None else expected}: missing (the {size or '2B/8B'} model reads {expected})")
-    if text_encoder is None and root is not None:
-        text_encoder = root / RELEASED_T5_DIR
-    if text_encoder is None or not (Path(text_encoder) / "config.json").is_file():
-        problems.append(f"text encoder {text_encoder or RELEASED_T5_DIR + '/'}: missing or not a Hugging Face folder (no config.json)")
-    if problems:
-        raise FileNotFoundError("released model incomplete:\n  - " + "\n  - ".join(problems) + f"\nexpected layout:\n{RELEASED_LAYOUT_HELP}")
-    return ReleasedFiles(Path(transformer), Path(vae), Path(text_encoder), size, int(resolution))  # type: ignore[arg-type]
-
-
-RELEASED_LAYOUT_HELP = """  DIR/2B-512.pth | 8B-512.pth | 8B-1024.pth   (VAREdit transformer, {size}-{resolution}.pth)
-  DIR/infinity_vae_d32reg.pth                 (VAE for 2B)
-  DIR/infinity_vae_d56_f8_14_patchify.pth     (VAE for 8B)
-  DIR/flan-t5-xl/                             (Hugging Face T5 folder)"""
-
-
-def released_config(files: ReleasedFiles, overrides: Sequence[str] = (), device: torch.device | None = None) -> Any:
-    """The run config of a released model: preset shape, release RoPE table, SAR on layer 0."""
-    from varedit_lab.config import config_from_dict
-    from varedit_lab.model.layout import IMAGE_SIZE_TO_PN, PN_SCALES
-
-    if files.resolution not in IMAGE_SIZE_TO_PN:
-        raise ValueError(f"resolution {files.resolution}: supported {sorted(IMAGE_SIZE_TO_PN)}")
-    on_gpu = device is not None and device.type == "cuda"
-    data = {
-        "model": {
-            "preset": f"infinity_{files.size}",
-            "scales": list(PN_SCALES[IMAGE_SIZE_TO_PN[files.resolution]]),
-            "rope_layout": "reference_compat",  # the released weights were trained with this table
-            "init_from": str(files.transformer),
-            "drop_path_rate": 0.0,
-        },
-        "tokenizer": {"checkpoint": str(files.vae), **RELEASED_VAE_ARCH[files.size]},
-        # flan-t5-xl overflows in fp16 (the reference's choice); bf16 keeps the range on GPU.
-        "text": {"path": str(files.text_encoder), "dtype": "bfloat16" if on_gpu else "float32", "max_length": 512},
-        "conditioning": {"name": "sar", "options": {"layers": [0]}},
-        "sampling": {"cfg": 4.0, "tau": 0.5, "top_k": 0, "top_p": 0.97, "greedy": False},
-        "logger": {"mode": "disabled"},
-    }
-    return config_from_dict(data, overrides, source=f"released {files.transformer}")
-
-
-# -------------------------------------------------------------------------------------------------
 class Editor:
     """A ready-to-run editing model on one device (see the module docstring)."""
 
@@ -277,6 +157,8 @@ class Editor:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}; valid: {list(PRECISIONS)}")
         self.tokenizer = tokenizer.to(self.device).eval().requires_grad_(False)
+        if self.precision == "bf16":
+            cast_block_linears(model, torch.bfloat16)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.text_encoder = text_encoder.to(self.device).eval() if text_encoder is not None else None
         self.strategy = strategy
@@ -468,6 +350,16 @@ class Editor:
         return self.encode_text(instructions)
 
 
+def cast_block_linears(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store the projection weights of the transformer blocks in ``dtype``: they are ~all of the
+    bytes (the reference casts its blocks to bf16 for inference). Norms, biases added outside a
+    Linear and the non-block layers stay fp32, so every op outside autocast's cast lists (LayerNorm on
+    CPU) still sees fp32. Done before the move to the device: half the bytes to transfer."""
+    for module in model.blocks.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(dtype)
+
+
 def broadcast_text(text: TextFeatures, n: int) -> TextFeatures:
     """``text`` for ``n`` samples: as is when it has ``n`` rows, expanded when it has one."""
     if len(text) == n:
@@ -563,6 +455,7 @@ __all__ = [
     "ReleasedFiles",
     "SamplingSettings",
     "as_pil_list",
+    "cast_block_linears",
     "edit",
     "load_editor",
     "pad_to_square",

@@ -98,9 +98,13 @@ class EditorModule(pl.LightningModule):
             model_cfg = OmegaConf.merge(model_cfg, {"text_channels": self.text_encoder.width})
         elif model_cfg.text_channels != self.text_encoder.width:
             raise ValueError(f"model.text_channels={model_cfg.text_channels} but the text encoder is {self.text_encoder.width} wide")
-        self.model = build_transformer(model_cfg, self.tokenizer.codebook_dim, self.tokenizer.apply_spatial_patchify)
         if cfg.model.init_from:
+            # Shapes on the meta device, storage from the (memory-mapped) file: no throw-away init.
+            with torch.device("meta"):
+                self.model = build_transformer(model_cfg, self.tokenizer.codebook_dim, self.tokenizer.apply_spatial_patchify)
             load_released(self.model, cfg.model.init_from)
+        else:
+            self.model = build_transformer(model_cfg, self.tokenizer.codebook_dim, self.tokenizer.apply_spatial_patchify)
         if not cfg.model.cond_drop_rate:
             # Without text dropout the learned null text is never used in training: freeze it, so
             # that no trainable parameter goes without a gradient (DDP raises on those; sharded

@@ -24,6 +24,8 @@ COMMANDS = [
     "varedit_lab.cli.edit_cmd",
     "varedit_lab.cli.eval_cmd",
     "varedit_lab.cli.probe_cmd",
+    "varedit_lab.cli.download_cmd",
+    "varedit_lab.cli.plan_cmd",
 ]
 
 

@@ -34,7 +34,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model-source and device flags shared by ``edit`` and ``eval``."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="checkpoint written by `varedit-lab train` (e.g. runs/NAME/checkpoints/last.ckpt)")
-    source.add_argument("--released", metavar="DIR", help="folder with released VAREdit weights (layout above)")
+    source.add_argument("--released", metavar="DIR", help="folder with released VAREdit weights (layout above) or the hub id HiDream-ai/VAREdit (with --model)")
     source.add_argument("--fixture", metavar="FIXTURE.pt", help="reference fixture (weights only; stored text embeddings)")
     parser.add_argument("--model", help="released transformer to use when DIR holds several (e.g. 8B-1024)")
     parser.add_argument("--fixture-text", type=int, default=0, metavar="N", help="stored text embedding of the fixture (default 0)")

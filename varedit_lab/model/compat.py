@@ -91,16 +91,32 @@ def fit_cfg_uncond(state_dict: dict[str, torch.Tensor], model: VAREditTransforme
     state_dict["cfg_uncond"] = torch.cat([old[:n].to(new), new[n:]]) if n == old.shape[0] else old[:n]
 
 
+def on_meta(model: torch.nn.Module) -> bool:
+    """Built under ``torch.device("meta")``: shapes only, no storage (see :func:`load_released`)."""
+    return any(p.is_meta for p in model.parameters())
+
+
 def load_state_dict_strict(model: VAREditTransformer, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load ours-or-released keys strictly; raise :class:`CheckpointError` naming every problem."""
+    """Load ours-or-released keys strictly; raise :class:`CheckpointError` naming every problem.
+
+    A model on the meta device takes the tensors themselves (``assign=True``, cast to the model's
+    dtypes only where they differ), so a memory-mapped file is not copied a second time.
+    """
     sd = from_released(state_dict) if is_released_layout(state_dict) else dict(state_dict)
     for key in _NONBLOCK_ZERO_BUFFERS:
         sd.pop(key, None)
+    meta = on_meta(model)
+    if meta and "cfg_uncond" in sd and sd["cfg_uncond"].shape[0] < model.cfg_uncond.shape[0]:
+        raise CheckpointError(f"cfg_uncond: the checkpoint holds {sd['cfg_uncond'].shape[0]} rows, the model "
+                              f"{model.cfg_uncond.shape[0]}; padding needs the model's own rows (build it off the meta device)")
     fit_cfg_uncond(sd, model)
-    problems = state_dict_mismatches(sd, model.state_dict())
+    expected = model.state_dict()
+    problems = state_dict_mismatches(sd, expected)
     if problems:
         raise CheckpointError("state dict does not match the model:\n  " + "\n  ".join(problems))
-    model.load_state_dict(sd, strict=True)
+    if meta:
+        sd = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=meta)
 
 
 def state_dict_mismatches(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
@@ -138,8 +154,12 @@ def check_finite(state_dict: Mapping[str, object], source: str) -> None:
 
 
 def load_released(model: VAREditTransformer, path: str | Path) -> None:
-    """Load a released VAREdit/Infinity transformer ``.pth`` (flat state dict) strictly."""
-    state = load_weights(path, "transformer checkpoint")
+    """Load a released VAREdit/Infinity transformer ``.pth`` (flat state dict) strictly.
+
+    The file is memory-mapped; into a model built on the meta device the mapped tensors are assigned
+    (no copy), so loading costs about the file's size in host memory rather than twice that.
+    """
+    state = load_weights(path, "transformer checkpoint", mmap=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or "varedit_config" in state or "state_dict" in state:

@@ -282,7 +282,8 @@ class VAREditTransformer(nn.Module):
             cache = KVCache.allocate(
                 self.cfg.depth, batch * branches, self.cfg.num_heads, layout.length, self.cfg.head_dim, device, torch.float32
             )
-            self.run_blocks(src, layout, tctx, (0, n_src_blocks), cache=cache, outputs_from=layout.num_source_tokens)
+            if n_src_blocks:  # a plan without source tokens (text_only) has nothing to prefill
+                self.run_blocks(src, layout, tctx, (0, n_src_blocks), cache=cache, outputs_from=layout.num_source_tokens)
         prefix = [src]  # without a cache: the embedded sequence so far
 
         acc = CodeAccumulator(schedule, self.cfg.patchify, self.cfg.codebook_dim, batch, device)

@@ -2,7 +2,10 @@
 
 ``AttentionProbe`` (a context manager) routes chosen layers through an eager attention path that
 returns the same outputs as the fast kernels and records block masses, locality, diagonality and
-entropy (``ProbeResult``); ``probe_model`` runs one teacher-forced batch under a probe. Plots live in
+entropy (``ProbeResult``); ``probe_model`` runs one teacher-forced batch under a probe.
+:mod:`varedit_lab.probes.alignment` sets those numbers next to the paper's Fig. 3 statement (mass on the
+corresponding / coarser / finer source scales, locality on the finest source) with declared verdict
+rules, and :mod:`varedit_lab.probes.compare` compares strategies. Plots live in
 :mod:`varedit_lab.probes.plots` (matplotlib) and the Lightning callback in
 :mod:`varedit_lab.probes.callback`; both are imported on first use (``varedit_lab.probes.plots``,
 ``varedit_lab.probes.ProbeCallback``) so that importing the probes stays light.

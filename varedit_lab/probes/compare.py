@@ -7,7 +7,10 @@ target query scale ``s >= 1`` (the SOS scale is left out: its single cell covers
 * ``same_scale_share``: the share of that mass on the source-derived block with the query's own grid
   (full-scale: ``src`` of the same scale; SAR layer 1: its pooled ``ref``; max-scale: only the last
   scale has one). The paper: layer 1 focuses on the corresponding (and coarser) source scales; SAR's
-  layer 1 on its own reference.
+  layer 1 on its own reference. **Structural** where the mask alone fixes it (the visible
+  source-derived blocks all have the query's grid, or none has: max-scale, SAR, and full-scale's SOS),
+  so it is not learned: ``same_scale_structural`` (1 where fixed), marked in the table and drawn with
+  hollow markers in the figure.
 * ``locality`` (and ``uniform_locality``, its value under uniform attention, given for the same
   scales): the share of the mass on the finest source that lies within the probe's radius of the
   aligned position; NaN where the finest source is invisible (SAR's layer 1; full-scale's coarse
@@ -28,10 +31,11 @@ from typing import Mapping
 import torch
 from matplotlib.figure import Figure
 
-from varedit_lab.probes import geometry
+from varedit_lab.probes import alignment, geometry
 from varedit_lab.probes.stats import ProbeResult
 
-METRICS = ("source_mass", "same_scale_share", "locality", "uniform_locality", "diagonality", "norm_entropy")
+METRICS = ("source_mass", "same_scale_share", "same_scale_structural", "locality", "uniform_locality", "diagonality", "norm_entropy")
+STRUCTURAL_NOTE = "structural: fixed by the attention mask, not learned"
 
 
 def target_blocks(result: ProbeResult) -> list[int]:
@@ -65,9 +69,13 @@ def layer_profile(result: ProbeResult, layer: int) -> dict[str, torch.Tensor]:
     locality = result.locality(layer)
     # the baseline only where the locality is defined, so that scale means compare like with like
     uniform = torch.where(torch.isnan(locality), locality, result.uniform_locality())
+    layout = result.layout
+    vis = layout.visibility(layer)
+    fixed = [alignment.share_fixed_by_mask(layout, vis, b, {alignment.CORRESPONDING}) for b in blocks]
     return {
         "source_mass": source[blocks],
         "same_scale_share": share[blocks],
+        "same_scale_structural": torch.tensor(fixed, dtype=torch.float64),
         "locality": locality[blocks],
         "uniform_locality": uniform[blocks],
         "diagonality": result.diagonality(layer)[blocks],
@@ -95,8 +103,16 @@ def _fmt(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:.3f}"
 
 
+def _share(summary: dict[str, float]) -> str:
+    """The same-scale share, marked where the mask fixes it at every target scale (or some)."""
+    fixed = summary["same_scale_structural"]
+    mark = " (structural)" if fixed == 1.0 else "" if fixed == 0.0 or math.isnan(fixed) else " (partly structural)"
+    return _fmt(summary["same_scale_share"]) + mark
+
+
 def summary_markdown(results: Mapping[str, ProbeResult]) -> str:
-    """A markdown table: per strategy, first vs last layer of each metric (means over target scales)."""
+    """A markdown table: per strategy, first vs last layer of each metric (means over target scales).
+    Same-scale shares the mask fixes are marked ``(structural)`` and explained under the table."""
     header = ["strategy", "layers", "source mass", "same-scale share", "locality (uniform)", "diagonality", "entropy / max"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, result in results.items():
@@ -107,9 +123,11 @@ def summary_markdown(results: Mapping[str, ProbeResult]) -> str:
             return f"{_fmt(first[metric])} → {_fmt(last[metric])}"
 
         locality = f"{pair('locality')} ({_fmt(last['uniform_locality'])})"
-        row = [name, f"{int(first['layer'])} → {int(last['layer'])}", pair("source_mass"), pair("same_scale_share"),
+        row = [name, f"{int(first['layer'])} → {int(last['layer'])}", pair("source_mass"), f"{_share(first)} → {_share(last)}",
                locality, pair("diagonality"), pair("norm_entropy")]
         lines.append("| " + " | ".join(row) + " |")
+    if any(s[key]["same_scale_structural"] > 0 for s in map(summarize, results.values()) for key in ("first", "last")):
+        lines += ["", f"Same-scale share — {STRUCTURAL_NOTE} (only one kind of source block is visible to those target scales)."]
     return "\n".join(lines) + "\n"
 
 
@@ -122,7 +140,8 @@ def compare_strategies(results: Mapping[str, ProbeResult], path: str | Path | No
 
     if not results:
         raise ValueError("nothing to compare: no probe results")
-    panels = [("source_mass", "mass on source-derived keys"), ("same_scale_share", "share of it on the same-grid src/ref"),
+    panels = [("source_mass", "mass on source-derived keys"),
+              ("same_scale_share", "share of it on the same-grid src/ref\n(hollow: structural, fixed by the mask)"),
               ("locality", "locality on the finest source"), ("norm_entropy", "entropy / max entropy")]
     fig, axes = _figure(2, 2, (4.6, 3.4))
     colors = colormaps["tab10"]
@@ -135,6 +154,11 @@ def compare_strategies(results: Mapping[str, ProbeResult], path: str | Path | No
             profile = layer_profile(result, layer)
             for ax, (metric, _) in zip(axes, panels):
                 ax.plot(xs, profile[metric].numpy(), style, color=colors(index), label=f"{name}, layer {layer}")
+            fixed = profile["same_scale_structural"].bool().numpy()
+            if fixed.any():  # hollow white markers over the structural points
+                share = profile["same_scale_share"].numpy()
+                axes[1].plot([x for x, f in zip(xs, fixed) if f], share[fixed], style[0], ls="none", mfc="white",
+                             color=colors(index))
         for ax in axes:
             ax.set_xticks(xs, labels)
     first_result = next(iter(results.values()))
