@@ -145,8 +145,8 @@ else:
     # 5-15 min for the defaults' 510 steps on a 2-core CPU (0.2-0.7 s per step, plus setup per run)
     steps = TOKENIZER_STEPS + len(STRATEGIES) * EDITOR_STEPS
     low, high = 5 * steps / 510, 15 * steps / 510
-    print(f"training here: a tokenizer ({TOKENIZER_STEPS} steps) and {len(STRATEGIES)} editors ({EDITOR_STEPS} steps each),\n"
-          f"about {low:.0f}-{high:.0f} min on a 2-core CPU (progress lines below). For seconds instead, run\n"
+    print(f"training here: a tokenizer ({TOKENIZER_STEPS} steps) and {len(STRATEGIES)} editors ({EDITOR_STEPS} steps each),\\n"
+          f"about {low:.0f}-{high:.0f} min on a 2-core CPU (progress lines below). For seconds instead, run\\n"
           "`make demo DEMO=quick` first: CHECKPOINTS='auto' then probes its sweep's runs.")
 """
 
