@@ -5,7 +5,10 @@ import pytest
 from varedit_lab.cli import main
 from varedit_lab.config import ConfigError, experiments_dir, load_config
 
-EXPERIMENT_FILES = sorted(p for p in experiments_dir().rglob("*.yaml") if "sweeps" not in p.parts and "launch" not in p.parts)
+# Folders relative to experiments/ (a checkout under a folder named "sweeps" must not hide every file).
+EXPERIMENT_FILES = sorted(
+    p for p in experiments_dir().rglob("*.yaml") if not {"sweeps", "launch"} & set(p.relative_to(experiments_dir()).parts)
+)
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

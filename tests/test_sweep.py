@@ -39,6 +39,7 @@ from varedit_lab.sweep import (
     t_critical,
     write_report,
 )
+from varedit_lab.sweep.claims import is_claims_file
 from varedit_lab.sweep.plan import cap_for
 from varedit_lab.sweep.report import load_results, mean_curve
 from varedit_lab.sweep.runner import preflight, run_settings
@@ -46,7 +47,7 @@ from varedit_lab.sweep.state import SweepState, locked, save_state
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = Path(__file__).with_name("sweep_fake_train.py")
-SWEEP_FILES = sorted((experiments_dir() / "sweeps").glob("*.yaml"))
+SWEEP_FILES = sorted(p for p in (experiments_dir() / "sweeps").glob("*.yaml") if not is_claims_file(p))  # claims: test_claims.py
 T2 = 4.303  # t(0.975, 2): three seeds
 
 
@@ -510,3 +511,22 @@ def test_real_train_sweep_of_three_tiny_runs(tmp_path, synthetic_shards, capsys)
     report = (sweep_dir / "report.md").read_text()
     copy_row = next(line for line in report.splitlines() if line.startswith("| *copy source* | 3 |"))
     assert float(copy_row.split("|")[3]) == pytest.approx(float(rows["sar"]["val/copy_success"]), abs=1e-3)
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
+def test_wandb_agent_command_of_each_shipped_file_trains_the_intended_config(path, monkeypatch):
+    """The exact argv wandb's agent code builds for every proposal of the file, parsed by `train`."""
+    monkeypatch.chdir(REPO)
+    spec = load_sweep(path)
+    proposals = grid_proposals(spec) if spec.method == "grid" else [propose(spec, [], i, lambda r: None) for i in range(3)]
+    for proposal in proposals:
+        argv = wandb_agent_argv(spec.raw, proposal.params)
+        assert argv[:2] == ["/usr/bin/env", "python"]
+        args = build_parser().parse_args(argv[argv.index("varedit_lab.cli") + 1 :])
+        assert args.command == "train" and args.config == spec.experiment
+        cfg = load_config(args.config, args.overrides)
+        for key, value in proposal.params.items():
+            node = cfg
+            for part in key.split("."):
+                node = node[part]
+            assert node == pytest.approx(value) if isinstance(value, float) else node == value, (key, node, value)

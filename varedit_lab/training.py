@@ -3,7 +3,9 @@
 The run directory ``{output_dir}/{name}`` holds ``config.yaml`` (the resolved config), ``metrics.csv``
 (CSVLogger), the W&B run (offline by default), ``checkpoints/`` (``last.ckpt`` every
 ``trainer.checkpoint_every_n_steps`` plus the best by ``trainer.checkpoint_monitor``), validation
-edit grids and ``summary.json``. ``resume=auto`` continues from ``checkpoints/last.ckpt``.
+edit grids and ``summary.json``. ``resume=auto`` continues from the newest of ``checkpoints/last.ckpt``
+and Lightning's SLURM requeue checkpoint ``hpc_ckpt_N.ckpt``. Extra Trainer arguments and callbacks
+come from ``trainer.extra`` / ``trainer.callbacks`` (:mod:`varedit_lab.trainer_options`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.strategies import Strategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig
 
 from varedit_lab.callbacks import PENDING_ROW_KEY, ConsoleProgress, RunCheckpoint, RunSummary, StepTimer, ValidateAtEnd
@@ -37,6 +39,8 @@ from varedit_lab.console import RunConsole, library_logs_to, quiet_library_warni
 from varedit_lab.distributed import TopologyCheck, fsdp2_strategy, fsdp_strategy
 from varedit_lab.model.compat import check_finite
 from varedit_lab.runs import RunFolder
+from varedit_lab.trainer_options import build_callbacks as build_extra_callbacks
+from varedit_lab.trainer_options import log_model_setting
 
 # Expected in every run: the frozen tokenizer/text encoder are in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -73,15 +77,25 @@ def build_task(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataMod
     return EditorModule(cfg), EditDataModule(cfg.data, seed=cfg.seed)
 
 
-_RESTRICTION = {"online": 0, "offline": 1, "dryrun": 1, "disabled": 2}
-
-
 def wandb_mode(cfg: DictConfig) -> str:
-    """The more restrictive of ``logger.mode`` and ``WANDB_MODE`` (CI forces offline; a user can
-    silence W&B with ``WANDB_MODE=disabled``; a config that disables W&B stays disabled)."""
-    env = os.environ.get("WANDB_MODE", "online").lower()
-    mode = max((cfg.logger.mode, env), key=lambda m: _RESTRICTION.get(m, 0))
-    return "offline" if mode == "dryrun" else mode
+    """The W&B mode a run logs in: ``logger.mode``, raised or silenced by the environment.
+
+    Precedence, first match wins:
+
+    1. ``disabled`` anywhere (``logger.mode=disabled`` or ``WANDB_MODE=disabled``): no W&B run at all.
+    2. The environment asks for more: ``WANDB_MODE=online``, or ``WANDB_SWEEP_ID`` set (the run was
+       started by ``wandb agent`` and must report to its sweep): ``online``.
+    3. ``WANDB_MODE=offline`` (or ``dryrun``): ``offline`` (CI, nodes without internet).
+    4. Otherwise ``logger.mode`` (``offline`` by default).
+    """
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if "disabled" in (cfg.logger.mode, env):
+        return "disabled"
+    if env == "online" or os.environ.get("WANDB_SWEEP_ID"):
+        return "online"
+    if env in ("offline", "dryrun"):
+        return "offline"
+    return str(cfg.logger.mode)
 
 
 class _HistoryWriter(ExperimentWriter):
@@ -158,6 +172,10 @@ def build_loggers(cfg: DictConfig, folder: RunFolder | Path, name: str, resume: 
     loggers: list[Logger] = [HistoryCSVLogger(folder.path, keep_until_step=resume.step - 1 if resume else None,
                                                    pending_row=resume.pending_row if resume else None)]
     mode = wandb_mode(cfg)
+    log_model = log_model_setting(cfg.logger.log_model)
+    if log_model and mode == "offline":  # WandbLogger refuses the pair: artifacts need a server
+        rank_zero_warn(f"logger.log_model={cfg.logger.log_model} needs W&B online; offline, checkpoints stay in {folder.checkpoints}")
+        log_model = False
     if mode != "disabled":
         loggers.append(
             QuietWandbLogger(
@@ -167,6 +185,7 @@ def build_loggers(cfg: DictConfig, folder: RunFolder | Path, name: str, resume: 
                 tags=list(cfg.logger.tags),
                 save_dir=str(folder.path),
                 offline=mode == "offline",
+                log_model=log_model,
                 config=to_dict(cfg),
             )
         )
@@ -216,6 +235,7 @@ def build_callbacks(
         from varedit_lab.probes.callback import ProbeCallback  # writes {run}/probes/stepNNNNNN, logs to W&B
 
         callbacks.append(ProbeCallback.from_config(cfg.probes))
+    callbacks += build_extra_callbacks(cfg.trainer.callbacks)
     train_metric, val_metrics = PROGRESS_METRICS.get(cfg.task, PROGRESS_METRICS["editor"])
     console = RunConsole(console_log)
     callbacks.append(ConsoleProgress(console, folder.name, train_metric, val_metrics, echo_steps=not progress_bar_on(cfg)))
@@ -263,6 +283,7 @@ def build_trainer(cfg: DictConfig, directory: Path, callbacks: list[pl.Callback]
         default_root_dir=str(directory),
         logger=loggers,
         callbacks=callbacks,
+        **to_dict(cfg)["trainer"]["extra"],  # checked at config load (varedit_lab.trainer_options)
     )
 
 
@@ -278,15 +299,16 @@ class ResumePoint:
 def resolve_resume(cfg: DictConfig, folder: RunFolder) -> ResumePoint | None:
     """The checkpoint ``resume`` asks for, checked before anything touches the run folder.
 
-    ``resume=auto`` continues from the folder's ``last.ckpt`` when there is one (else starts
-    afresh); a path continues from that checkpoint. The file must load with ``weights_only=True``
+    ``resume=auto`` continues from the newest of the folder's ``last.ckpt`` and Lightning's SLURM
+    ``hpc_ckpt_N.ckpt`` (written on SIGUSR1 before a requeue) when there is one (else starts afresh);
+    a path continues from that checkpoint. The file must load with ``weights_only=True``
     (sharded directories: :func:`~varedit_lab.checkpoint_io.check_sharded_checkpoint`), hold finite
     weights, and have been trained under a config that defines the same model as ``cfg``.
     """
     if not cfg.resume:
         return None
-    path = folder.last_checkpoint if cfg.resume == "auto" else Path(cfg.resume)
-    if not is_checkpoint(path):
+    path = newest_checkpoint(folder) if cfg.resume == "auto" else Path(cfg.resume)
+    if path is None or not is_checkpoint(path):
         if cfg.resume == "auto":
             return None
         raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint (file, or complete sharded directory)")
@@ -318,6 +340,12 @@ def check_inputs(cfg: DictConfig) -> None:
         except FileNotFoundError as err:
             raise FileNotFoundError(f"data.{key}: {err}\nMake shards with `varedit-lab data synth --out DIR` (the synthetic "
                                     "benchmark; README's configs read data/synthetic64) or `varedit-lab data convert`.") from None
+
+
+def newest_checkpoint(folder: RunFolder) -> Path | None:
+    """The most recently written of ``checkpoints/last.ckpt`` and ``hpc_ckpt_*.ckpt`` (run folder)."""
+    candidates = [p for p in [folder.last_checkpoint, *folder.path.glob("hpc_ckpt_*.ckpt")] if is_checkpoint(p)]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
 @rank_zero_only

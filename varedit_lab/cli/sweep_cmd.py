@@ -4,7 +4,9 @@ Forms (the first word picks the action; a file name alone means ``run``)::
 
     varedit-lab sweep [run] FILE.yaml [key=value ...] [--max-runs N] [--parallel K] [--dry-run]
                                       [--retry-failed] [--dir DIR] [--no-report] [--allow-custom-command]
+                                      [--launcher local|submitit] [--launcher-config YAML]
     varedit-lab sweep report DIR [--no-wandb]
+    varedit-lab sweep report --wandb ENTITY/PROJECT/SWEEP_ID [--dir DIR] [--no-wandb]
     varedit-lab sweep validate FILE.yaml [FILE.yaml ...]
 
 ``key=value`` after FILE applies to every run (e.g. ``trainer.max_steps=50``). The same FILE works
@@ -23,11 +25,25 @@ ACTIONS = ("run", "report", "validate")
 def _add_options(parser: argparse.ArgumentParser) -> None:
     # Defaults are None so that options given before and after FILE can be merged (see _parse).
     parser.add_argument("--max-runs", type=int, metavar="N", help="run at most N runs (required for random/bayes unless the file sets run_cap)")
-    parser.add_argument("--parallel", type=int, metavar="K", help="run K runs at once, each limited to cpu_count // K threads (default 1)")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        metavar="K",
+        help="run K runs at once (default 1): on GPUs each gets its own CUDA_VISIBLE_DEVICES (trainer.devices of them); "
+        "on CPU each is limited to cpu_count // K threads",
+    )
+    parser.add_argument("--launcher", choices=("local", "submitit"), help="local: a process per run (default) · submitit: a SLURM job per run")
+    parser.add_argument("--launcher-config", type=Path, metavar="YAML", help="submitit executor parameters (default experiments/launch/submitit.yaml)")
     parser.add_argument("--dry-run", action="store_true", default=None, help="print each run's command (and whether it would run); start nothing")
     parser.add_argument("--retry-failed", action="store_true", default=None, help="run failed runs again (completed runs are always skipped)")
     parser.add_argument("--dir", type=Path, metavar="DIR", help="sweep directory (default runs/sweeps/<sweep name>)")
     parser.add_argument("--no-report", action="store_true", default=None, help="skip summary.csv/report.md/plots at the end")
+    parser.add_argument(
+        "--wandb",
+        dest="wandb_sweep",
+        metavar="ENTITY/PROJECT/SWEEP_ID",
+        help="report: read the runs of this W&B sweep from the server (wandb.Api) instead of a local DIR",
+    )
     parser.add_argument("--no-wandb", action="store_true", default=None, help="do not log the report to W&B")
     parser.add_argument(
         "--allow-custom-command",
@@ -71,8 +87,12 @@ def run(args: argparse.Namespace) -> int:
     action, words, opts = _parse(args)
     parser: argparse.ArgumentParser = args._sweep_parser
     if action == "report":
+        if opts.wandb_sweep:
+            if words:
+                parser.error("usage: varedit-lab sweep report --wandb ENTITY/PROJECT/SWEEP_ID [--dir DIR]")
+            return _report_wandb(opts.wandb_sweep, opts.dir, wandb=not opts.no_wandb)
         if len(words) != 1:
-            parser.error("usage: varedit-lab sweep report DIR")
+            parser.error("usage: varedit-lab sweep report DIR  (or: report --wandb ENTITY/PROJECT/SWEEP_ID)")
         return _report(Path(words[0]), wandb=not opts.no_wandb)
     if action == "validate":
         if not words:
@@ -101,6 +121,8 @@ def _run(file: str, overrides: list[str], opts: argparse.Namespace) -> int:
         overrides=overrides,
         report=not opts.no_report,
         report_wandb=not opts.no_wandb,
+        launcher=opts.launcher or "local",
+        launcher_config=opts.launcher_config,
     )
     return run_sweep(spec, options).exit_code
 
@@ -126,6 +148,18 @@ def _report(sweep_dir: Path, wandb: bool) -> int:
     paths = write_report(sweep_dir, wandb=wandb)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    return 0
+
+
+def _report_wandb(path: str, sweep_dir: Path | None, wandb: bool) -> int:
+    from varedit_lab.sweep import write_report
+    from varedit_lab.sweep.runner import DEFAULT_ROOT
+    from varedit_lab.sweep.wandb_source import load_wandb_results, split_sweep_path
+
+    source = load_wandb_results(path)
+    folder = sweep_dir or DEFAULT_ROOT / f"wandb-{split_sweep_path(path)[2]}"
+    for name, written in write_report(folder, wandb=wandb, source=source).items():
+        print(f"{name}: {written}")
     return 0
 
 

@@ -172,6 +172,26 @@ def validate(cfg: DictConfig, source: str = "config") -> None:
     except (KeyError, TypeError, ValueError) as err:
         msg = err.args[0] if err.args else str(err)
         raise ConfigError(f"{source}: conditioning: {msg}") from None
+    _check_trainer_options(cfg, source)
+
+
+def _check_trainer_options(cfg: DictConfig, source: str) -> None:
+    """``trainer.extra`` against lightning.Trainer's signature, ``trainer.callbacks`` by import, and
+    ``logger.log_model``. Lightning is imported only when there is something to check (keeps
+    ``config show`` instant)."""
+    extra = OmegaConf.to_container(cfg.trainer.extra, resolve=True)
+    callbacks = OmegaConf.to_container(cfg.trainer.callbacks, resolve=True)
+    if str(cfg.logger.log_model).lower() not in ("false", "true", "all"):
+        raise ConfigError(f"{source}: 'logger.log_model' is {cfg.logger.log_model!r}; valid: ['all', 'false', 'true']")
+    if not extra and not callbacks:
+        return
+    from varedit_lab.trainer_options import TrainerOptionError, check_callbacks, check_extra
+
+    try:
+        check_extra(extra)  # type: ignore[arg-type]
+        check_callbacks(callbacks)  # type: ignore[arg-type]
+    except TrainerOptionError as err:
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def _check_ranges(cfg: Any, schema: Any, prefix: str, source: str) -> None:

@@ -161,6 +161,12 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = at_least(1, 100)  # periodic last.ckpt (for resume)
     checkpoint_monitor: Optional[str] = "val/loss"  # best checkpoint by this metric (None: off)
     checkpoint_mode: Literal["min", "max"] = "min"
+    # Any other ``lightning.Trainer`` argument (limit_val_batches, overfit_batches, profiler, ...),
+    # checked against its signature at config load; the keys above are set through their own fields.
+    extra: Dict[str, Any] = field(default_factory=dict)
+    # Extra callbacks by class path: [{class_path: lightning.pytorch.callbacks.EarlyStopping,
+    # init_args: {monitor: val/loss}}], built after varedit-lab's own.
+    callbacks: List[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -171,6 +177,8 @@ class LoggerConfig:
     name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     log_images: bool = True
+    # Checkpoints as W&B artifacts (WandbLogger's log_model): false | true (at the end) | all (each save).
+    log_model: str = "false"
 
 
 @dataclass

@@ -2,9 +2,12 @@
 
 ``varedit-lab sweep FILE.yaml`` runs a sweep locally; the same file works with ``wandb sweep`` and
 ``wandb agent``. See :mod:`varedit_lab.sweep.spec` (format, validation), :mod:`.runner` (processes,
-state, progress) and :mod:`.report` (summary.csv, report.md, plots, W&B).
+state, progress) and :mod:`.report` (summary.csv, report.md, plots, W&B). Claims declared before
+running live beside the sweep file (:mod:`.claims`); :mod:`.paired` decides them and :mod:`.evidence`
+gathers what the report shows beyond group means.
 """
 
+from varedit_lab.sweep.claims import Claim, ClaimsError, claims_path, load_claims
 from varedit_lab.sweep.plan import Proposal, grid_proposals, propose
 from varedit_lab.sweep.report import write_report
 from varedit_lab.sweep.runner import SweepOptions, SweepResult, default_sweep_dir, run_sweep
@@ -13,6 +16,8 @@ from varedit_lab.sweep.state import RunRecord, SweepState, load_state
 from varedit_lab.sweep.stats import MeanCI, mean_ci, t_critical
 
 __all__ = [
+    "Claim",
+    "ClaimsError",
     "MeanCI",
     "Proposal",
     "RunRecord",
@@ -22,9 +27,11 @@ __all__ = [
     "SweepSpec",
     "SweepState",
     "agent_command",
+    "claims_path",
     "default_sweep_dir",
     "expand_command",
     "grid_proposals",
+    "load_claims",
     "load_state",
     "load_sweep",
     "mean_ci",

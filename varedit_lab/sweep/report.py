@@ -5,6 +5,11 @@ Runs are grouped by every swept parameter except ``seed`` (for the conditioning 
 runs, with Student's t (``t(0.975, n−1)·s/√n``). A run's final metrics are its ``summary.json``
 ``metrics``, completed by the last logged value in its ``metrics.csv``; missing metrics are skipped
 (``n`` says how many runs contributed).
+
+When the sweep declares claims (``<sweep>.claims.yaml``, frozen into ``<sweep_dir>/claims.yaml`` at the
+first launch), the report opens with their paired decisions; it adds the mask-split per-scale
+cross-entropy, the per-edit-kind table against copying the source and the cost per strategy
+(:mod:`varedit_lab.sweep.evidence`, plots in :mod:`varedit_lab.sweep.evidence_plots`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,25 @@ from typing import Any, Iterable, TextIO
 
 import yaml
 
+from varedit_lab.sweep import evidence_plots
+from varedit_lab.sweep.claims import FROZEN_NAME, Claim, ClaimsError, claims_path, load_claims
+from varedit_lab.sweep.evidence import (
+    ClaimResult,
+    KindRow,
+    SampleCache,
+    ce_scale_section,
+    ce_scales,
+    claims_section,
+    cost_from_runs,
+    cost_section,
+    edits_section,
+    evaluate_claims,
+    find_cost_file,
+    kind_rows,
+    kind_section,
+    read_cost_file,
+    unit_of,
+)
 from varedit_lab.sweep.runner import read_summary
 from varedit_lab.sweep.spec import SweepError, safe_name
 from varedit_lab.sweep.state import SweepState, load_state
@@ -55,6 +79,7 @@ class RunResult:
     error: str | None
     metrics: dict[str, float] = field(default_factory=dict)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    run_dir: Path | None = None  # the run folder (samples.jsonl lives there)
 
 
 @dataclass
@@ -137,6 +162,7 @@ def load_results(sweep_dir: Path) -> tuple[SweepState, list[RunResult]]:
                 error=record.error,
                 metrics=_final_metrics(run_dir, curves),
                 curves=curves,
+                run_dir=run_dir if run_dir.is_dir() else None,
             )
         )
     return state, results
@@ -225,9 +251,30 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+@dataclass
+class Evidence:
+    """The report's sections beyond group means (empty parts are left out)."""
+
+    claims: list[ClaimResult] = field(default_factory=list)
+    claims_source: str | None = None
+    scales: list[int] = field(default_factory=list)  # scales with val/ce_{in,out}/s{k}
+    kind_rows: list[KindRow] = field(default_factory=list)
+    ce: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    cost: list[str] = field(default_factory=list)
+    edits: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
 def render_markdown(
-    state: SweepState, results: list[RunResult], groups: list[Group], keys: list[str], images: dict[str, Path]
+    state: SweepState,
+    results: list[RunResult],
+    groups: list[Group],
+    keys: list[str],
+    images: dict[str, Path],
+    evidence: Evidence | None = None,
 ) -> str:
+    evidence = evidence or Evidence()
     counts = state.counts()
     metric = (state.sweep.get("metric") or {}).get("name")
     goal = (state.sweep.get("metric") or {}).get("goal", "minimize")
@@ -238,6 +285,11 @@ def render_markdown(
         f"- method: {state.sweep.get('method')} · file: `{state.sweep_file}`" + (f" · metric: `{metric}` ({goal})" if metric else ""),
         f"- runs: {', '.join(f'{n} {s}' for s, n in counts.items() if n)} · overrides for every run: {state.overrides or 'none'}",
         f"- generated {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        *evidence.notes,
+    ]
+    if evidence.claims_source:
+        lines += claims_section(evidence.claims, evidence.claims_source)
+    lines += [
         "",
         f"## Results per {group_title} (mean ± 95 % CI over seeds)",
         "",
@@ -258,6 +310,7 @@ def render_markdown(
     if baseline:
         lines += ["*copy source*: the unedited source through the tokenizer, scored like the edits (the bar to beat on success)."]
     lines += _scale_section(groups, results)
+    lines += evidence.ce + evidence.kinds + evidence.cost + evidence.edits
     lines += _paired_section(groups, keys, metric or "val/balance")
     lines += _best_section(groups, metric, goal)
     if images:
@@ -290,7 +343,7 @@ def _scale_section(groups: list[Group], results: list[RunResult]) -> list[str]:
 def _paired_section(groups: list[Group], keys: list[str], metric: str) -> list[str]:
     if len(keys) != 1 or len(groups) < 2:
         return []
-    pairs = [(label, ci) for label, ci in paired_differences(groups, metric) if ci.n]
+    pairs = [(label, ci) for label, ci in paired_differences(groups, metric) if ci.n >= 2]  # n = 1: no "paired" row
     if not pairs:
         return []
     rows = [[label, str(ci.n), ci.format(3)] for label, ci in pairs]
@@ -341,17 +394,12 @@ def _runs_section(results: list[RunResult], metric: str | None) -> list[str]:
 # -- plots ---------------------------------------------------------------------------------------
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; works without a display
-    import matplotlib.pyplot as plt
-
-    return plt
+_pyplot = evidence_plots.pyplot
 
 
 def plot_metrics(path: Path, groups: list[Group], results: list[RunResult]) -> Path | None:
-    """One bar chart per headline metric: group means with 95 % CI error bars."""
+    """One panel per headline metric: group means as points (95 % CI whiskers when n ≥ 2) on a free axis,
+    the copy-the-source baseline as a line; no bars from zero, which would hide dB differences."""
     metrics = [(k, label) for k, label, _ in HEADLINE if any(k in r.metrics for r in results)]
     if not metrics:
         return None
@@ -362,16 +410,23 @@ def plot_metrics(path: Path, groups: list[Group], results: list[RunResult]) -> P
     x = list(range(len(groups)))
     for ax, (key, label) in zip(axes.flat, metrics):
         stats = [g.stat(key) for g in groups]
-        means = [s.mean if s.n else 0.0 for s in stats]
-        errors = [0.0 if math.isnan(s.half_width) else s.half_width for s in stats]
-        ax.bar(x, means, yerr=errors, capsize=4, color=[f"C{i}" for i in x])
-        ax.set_xticks(x, [g.label for g in groups], rotation=20, ha="right", fontsize=8)
-        ax.set_title(label, fontsize=10)
         for xi, s in zip(x, stats):
-            ax.annotate(f"n={s.n}", (xi, 0), ha="center", va="bottom", fontsize=7, color="white" if s.n else "gray")
+            evidence_plots._point(ax, xi, s, color=f"C{xi}")
+            if s.n:
+                ax.annotate(f"n={s.n}", (xi, s.mean), xytext=(6, 0), textcoords="offset points", va="center", fontsize=7)
+        copy_key = key.replace("val/", "val/copy_", 1) if key.startswith("val/") else None
+        copies = [r.metrics[copy_key] for r in results if r.status == "completed" and copy_key and copy_key in r.metrics]
+        if copies:
+            ax.axhline(sum(copies) / len(copies), color="black", linewidth=1.2, linestyle="--", label="copy source")
+            ax.legend(fontsize=7)
+        ax.set_xticks(x, [g.label for g in groups], rotation=20, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        unit = unit_of(key)
+        ax.set_ylabel(f"{label} ({unit})" if unit else label, fontsize=8)
+        ax.set_title(label, fontsize=10)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
-    fig.suptitle("mean ± 95 % CI over seeds", fontsize=10)
+    fig.suptitle("mean over seeds (95 % CI whiskers where n ≥ 2)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -387,7 +442,9 @@ def plot_scales(path: Path, groups: list[Group], results: list[RunResult]) -> Pa
     for i, g in enumerate(groups):
         stats = [g.stat(f"val/scale{k}_bit_acc") for k in scales]
         errors = [0.0 if math.isnan(s.half_width) else s.half_width for s in stats]
-        ax.errorbar([k + (i - len(groups) / 2) * 0.06 for k in scales], [s.mean for s in stats], yerr=errors, marker="o", capsize=3, label=g.label)
+        with_ci = any(s.n >= 2 for s in stats)  # n = 1: bare points, no whiskers
+        ax.errorbar([k + (i - len(groups) / 2) * 0.06 for k in scales], [s.mean for s in stats], yerr=errors if with_ci else None,
+                    marker="o", capsize=3 if with_ci else 0, label=g.label)
     ax.set_xlabel("target scale k (coarse → fine)")
     ax.set_ylabel("bit accuracy")
     ax.set_xticks(scales)
@@ -432,12 +489,14 @@ def plot_loss_curves(path: Path, groups: list[Group]) -> Path | None:
             steps, means, halves = mean_curve(curves)
             label = f"{g.label} (n={len(curves)})"
             if len(steps) == 1:  # e.g. one validation at the end: a band would be invisible
-                ax.errorbar(steps, means, yerr=halves, color=f"C{i}", marker="o", capsize=4, label=label)
+                with_ci = len(curves) >= 2
+                ax.errorbar(steps, means, yerr=halves if with_ci else None, color=f"C{i}", marker="o", capsize=4 if with_ci else 0, label=label)
                 continue
             ax.plot(steps, means, color=f"C{i}", label=label, marker="." if len(steps) < 20 else None)
             ax.fill_between(steps, [m - h for m, h in zip(means, halves)], [m + h for m, h in zip(means, halves)], color=f"C{i}", alpha=0.2)
         ax.set_xlabel("step")
-        ax.set_title(f"{key} (mean over seeds, 95 % CI band)", fontsize=10)
+        ax.set_ylabel(f"{key} ({unit_of(key)})" if unit_of(key) else key)
+        ax.set_title(f"{key} (mean over seeds, 95 % CI band where n ≥ 2)", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -461,7 +520,13 @@ def _logger_settings(sweep_dir: Path, results: list[RunResult]) -> tuple[str, st
 
 
 def log_to_wandb(
-    sweep_dir: Path, state: SweepState, results: list[RunResult], groups: list[Group], images: dict[str, Path], columns: tuple[list[str], list[str]]
+    sweep_dir: Path,
+    state: SweepState,
+    results: list[RunResult],
+    groups: list[Group],
+    images: dict[str, Path],
+    columns: tuple[list[str], list[str]],
+    claims: Iterable[ClaimResult] = (),
 ) -> Path | None:
     """A ``sweep-report`` run in the sweep's group with the summary table, group stats and plots.
 
@@ -495,6 +560,14 @@ def log_to_wandb(
             "sweep/runs": wandb.Table(columns=header, data=rows),
             "sweep/groups": wandb.Table(columns=stat_header, data=stat_rows),
         }
+        claim_rows = [
+            [c.claim.name, c.claim.metric, str(c.claim.arm), str(c.claim.baseline), c.claim.direction, c.stats.n,
+             c.stats.mean, c.stats.low, c.stats.high, c.delta, c.decision.label]
+            for c in claims
+        ]
+        if claim_rows:
+            claim_header = ["claim", "metric", "arm", "baseline", "better", "pairs", "mean_diff", "ci_low", "ci_high", "delta", "decision"]
+            payload["sweep/claims"] = wandb.Table(columns=claim_header, data=claim_rows)
         payload.update({f"sweep/{name}": wandb.Image(str(path)) for name, path in images.items()})
         run.log(payload)
         for g in groups:
@@ -507,35 +580,87 @@ def log_to_wandb(
         run.finish()
 
 
+# -- evidence ------------------------------------------------------------------------------------
+
+
+def sweep_claims(sweep_dir: Path, state: SweepState) -> tuple[tuple[Claim, ...], str | None]:
+    """The claims frozen at the sweep's first launch, else those beside the sweep file; and their file."""
+    frozen = sweep_dir / FROZEN_NAME
+    path = frozen if frozen.is_file() else (claims_path(state.sweep_file) if state.sweep_file else None)
+    if path is None or not path.is_file():
+        return (), None
+    try:
+        return load_claims(path, state.sweep.get("parameters") or {}), str(path)
+    except ClaimsError as err:
+        raise SweepError(str(err)) from None
+
+
+def gather_evidence(sweep_dir: Path, state: SweepState, results: list[RunResult], groups: list[Group]) -> Evidence:
+    samples = SampleCache()
+    claims, source = sweep_claims(sweep_dir, state)
+    evaluated = evaluate_claims(claims, results, swept_keys(state), samples)
+    completed = [r for g in groups for r in g.completed]
+    cost_file = find_cost_file(sweep_dir)
+    cost = read_cost_file(cost_file) if cost_file else cost_from_runs(groups)
+    scales, kinds = ce_scales(completed), kind_rows(groups, samples)
+    evidence = Evidence(
+        claims=evaluated,
+        claims_source=source,
+        scales=scales,
+        kind_rows=kinds,
+        ce=ce_scale_section(groups, scales),
+        kinds=kind_section(kinds),
+        cost=cost_section(cost),
+        edits=edits_section(groups, sweep_dir),
+    )
+    if source is None:
+        evidence.notes.append(f"- no declared claims (put them in `{Path(state.sweep_file or 'SWEEP').stem}.claims.yaml` beside the sweep file)")
+    skipped = samples.skipped()
+    if skipped:
+        evidence.notes.append(f"- unreadable samples.jsonl lines skipped: {skipped}")
+    return evidence
+
+
 # -- entry point ---------------------------------------------------------------------------------
 
 
-def write_report(sweep_dir: str | Path, *, wandb: bool = True, out: TextIO | None = None) -> dict[str, Path]:
+def write_report(
+    sweep_dir: str | Path, *, wandb: bool = True, out: TextIO | None = None, source: tuple[SweepState, list[RunResult]] | None = None
+) -> dict[str, Path]:
     """Write ``summary.csv``, ``report.md`` and the plots into ``sweep_dir``; log them to W&B.
+
+    The runs are read from ``sweep_dir`` (the local runner's ``sweep.json`` and run folders) unless
+    ``source`` gives them (e.g. :func:`varedit_lab.sweep.wandb_source.load_wandb_results`).
 
     Returns the written paths by name (``summary``, ``report``, each plot, and ``wandb`` when a W&B
     run was written).
     """
     out = out or sys.stdout
     sweep_dir = Path(sweep_dir)
-    state, results = load_results(sweep_dir)
+    state, results = source if source is not None else load_results(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     keys = group_keys(state)
     groups = group_runs(results, keys)
     params = list(state.sweep.get("parameters") or {})
     metrics = metric_columns(results)
     paths: dict[str, Path] = {"summary": sweep_dir / "summary.csv", "report": sweep_dir / "report.md"}
     write_summary_csv(paths["summary"], results, params, metrics)
+    evidence = gather_evidence(sweep_dir, state, results, groups)
     plots = {
         "metrics": plot_metrics(sweep_dir / "metrics.png", groups, results),
+        "claim_differences": evidence_plots.plot_claim_differences(sweep_dir / "claim_differences.png", evidence.claims),
+        "ce_scales": evidence_plots.plot_ce_scales(sweep_dir / "ce_scales.png", groups, evidence.scales),
+        "ce_scale_curves": evidence_plots.plot_ce_curves(sweep_dir / "ce_scale_curves.png", groups, evidence.scales),
+        "edit_kinds": evidence_plots.plot_kinds(sweep_dir / "edit_kinds.png", evidence.kind_rows),
         "scale_bit_acc": plot_scales(sweep_dir / "scale_bit_acc.png", groups, results),
         "loss_curves": plot_loss_curves(sweep_dir / "loss_curves.png", groups),
     }
     images = {name: path for name, path in plots.items() if path is not None}
-    paths["report"].write_text(render_markdown(state, results, groups, keys, images))
+    paths["report"].write_text(render_markdown(state, results, groups, keys, images, evidence))
     paths.update(images)
     if wandb:
         try:
-            wandb_dir = log_to_wandb(sweep_dir, state, results, groups, images, (params, metrics))
+            wandb_dir = log_to_wandb(sweep_dir, state, results, groups, images, (params, metrics), evidence.claims)
         except Exception as err:  # noqa: BLE001 - the files are written; a W&B problem must not hide them
             print(f"warning: logging the report to W&B failed: {type(err).__name__}: {err}", file=out)
         else:

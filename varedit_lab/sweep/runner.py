@@ -9,6 +9,11 @@ everything in ``<sweep_dir>/sweep.json`` (see :mod:`varedit_lab.sweep.state`).
 A run is *completed* when its process exits 0 and its ``summary.json`` says ``completed``; rerunning
 the sweep skips completed runs, re-runs interrupted ones and retries failed ones only with
 ``retry_failed``.
+
+On a GPU machine ``--parallel K`` gives every run its own ``CUDA_VISIBLE_DEVICES`` (``trainer.devices``
+GPUs each; :mod:`.gpus`); ``--launcher submitit`` submits each run as a cluster job instead
+(:mod:`.launchers`); a sweep's ``early_terminate`` (hyperband) kills runs below a bracket's cut
+(:mod:`.early_stop`).
 """
 
 from __future__ import annotations
@@ -26,8 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-from varedit_lab.config import ConfigError, load_config
+from omegaconf import DictConfig
+
+from varedit_lab.config import ConfigError, experiments_dir, load_config
 from varedit_lab.console import PROGRESS_MARK
+from varedit_lab.sweep.claims import freeze_claims
+from varedit_lab.sweep.early_stop import STOPPED, check_early_terminate, runs_to_stop
+from varedit_lab.sweep.gpus import GpuPool, gpus_needed, plan_slots, visible_gpus
+from varedit_lab.sweep.launchers import DEFAULT_SUBMITIT_PRESET, LAUNCHERS, LocalProcess, RunHandle, SubmititLauncher, submitit_launcher
 from varedit_lab.sweep.plan import Proposal, cap_for, grid_proposals, propose
 from varedit_lab.sweep.spec import RUNNER_KEYS, SweepError, SweepSpec, agent_command, expand_command
 from varedit_lab.sweep.state import RunRecord, SweepState, load_state, locked, now, save_state
@@ -47,6 +58,9 @@ class SweepOptions:
     report: bool = True  # write the report at the end
     report_wandb: bool = True  # and log it to W&B (mode from the runs' config; WANDB_MODE wins)
     kill_grace_s: float = 15.0  # after Ctrl-C, how long a run may shut down before SIGKILL
+    launcher: str = "local"  # local: a process per run · submitit: a (SLURM) job per run
+    launcher_config: Path | None = None  # submitit executor parameters (default experiments/launch/submitit.yaml)
+    gpus: list[int] | None = None  # GPUs the runs share (None: the visible ones; [] on a CPU machine)
     poll_s: float = 0.2
 
 
@@ -99,6 +113,13 @@ def run_command(spec: SweepSpec, proposal: Proposal, sweep_dir: Path, options: S
     return expand_command(spec, proposal.params, run_settings(spec, proposal.name, sweep_dir, options))
 
 
+def run_gpus(options: SweepOptions) -> list[str]:
+    """The GPUs the runner hands out (none for cluster jobs: the scheduler assigns theirs)."""
+    if options.launcher != "local":
+        return []
+    return list(options.gpus) if options.gpus is not None else visible_gpus()
+
+
 def _check_overrides(spec: SweepSpec, overrides: list[str]) -> None:
     for item in overrides:
         if "=" not in item:
@@ -110,11 +131,11 @@ def _check_overrides(spec: SweepSpec, overrides: list[str]) -> None:
             raise SweepError(f"override '{item}': the runner sets '{key}' for every run")
 
 
-def preflight(spec: SweepSpec, proposal: Proposal, overrides: list[str]) -> None:
+def preflight(spec: SweepSpec, proposal: Proposal, overrides: list[str]) -> DictConfig:
     """Resolve a run's full config (experiment file + parameters + overrides) before launching it."""
     items = [f"{k}={v}" for k, v in proposal.params.items()] + list(overrides)
     try:
-        load_config(spec.experiment, items)
+        return load_config(spec.experiment, items)
     except ConfigError as err:
         raise SweepError(f"run {proposal.name}: {err}") from None
 
@@ -187,6 +208,8 @@ class _Progress:
         took = format_duration(record.duration_s or 0.0)
         if record.status == "completed":
             self._print(f"[{self.done}/{self.total}] {record.name} completed in {took}{eta}")
+        elif record.status == "stopped":
+            self._print(f"[{self.done}/{self.total}] {record.name} {record.error} after {took}{eta}")
         else:
             self._print(f"[{self.done}/{self.total}] {record.name} FAILED ({record.error}) in {took}{eta}")
             self._print(f"    log: {record.log}")
@@ -201,13 +224,14 @@ class _Progress:
 @dataclass
 class _Active:
     record: RunRecord
-    process: subprocess.Popen
-    log: TextIO
+    process: RunHandle
+    log: TextIO | None
     start: float
+    stopped: bool = False  # killed by early_terminate
     echoed: int = 0  # bytes of the log already scanned for progress lines (see _echo_progress)
 
 
-def _launch(record: RunRecord, sweep_dir: Path, env: dict[str, str]) -> _Active:
+def _launch(record: RunRecord, sweep_dir: Path, env: dict[str, str], gpus: list[str] | None, launcher: SubmititLauncher | None) -> _Active:
     run_dir = sweep_dir / record.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     # A summary left by an earlier attempt must not make a crashed retry look completed.
@@ -215,17 +239,24 @@ def _launch(record: RunRecord, sweep_dir: Path, env: dict[str, str]) -> _Active:
     record.attempts += 1
     record.status, record.started, record.finished = "running", now(), None
     record.exit_code = record.duration_s = record.error = None
-    log = open(sweep_dir / record.log, "a")  # noqa: SIM115 - closed in _finish
-    log.write(f"=== attempt {record.attempts} · {record.started} · {shlex.join(record.command)}\n")
+    record.gpus = gpus
+    if gpus is not None:
+        env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
+    log = open(sweep_dir / record.log, "a")  # noqa: SIM115 - closed in _finish (local) or right here (jobs)
+    where = f" · CUDA_VISIBLE_DEVICES={','.join(gpus)}" if gpus is not None else ""
+    log.write(f"=== attempt {record.attempts} · {record.started}{where} · {shlex.join(record.command)}\n")
     log.flush()
     echoed = log.tell()
+    if launcher is not None:  # the job appends to the log itself
+        log.close()
+        handle: RunHandle = launcher.start(record.command, sweep_dir / record.log, env)
+        record.pid, record.job_id = None, handle.job_id
+        return _Active(record, handle, None, time.monotonic(), echoed=echoed)
     # Own session: the runner decides how a run stops (SIGINT, then SIGKILL to the whole group,
     # which also reaches DDP ranks the run started).
-    process = subprocess.Popen(
-        record.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-    )
-    record.pid = process.pid
-    return _Active(record, process, log, time.monotonic(), echoed)
+    handle = LocalProcess(record.command, log, env)
+    record.pid, record.job_id = handle.pid, None
+    return _Active(record, handle, log, time.monotonic(), echoed=echoed)
 
 
 def _echo_progress(active: _Active, sweep_dir: Path, out: TextIO) -> None:
@@ -242,7 +273,8 @@ def _echo_progress(active: _Active, sweep_dir: Path, out: TextIO) -> None:
 
 def _finish(active: _Active, sweep_dir: Path) -> None:
     record, code = active.record, active.process.returncode
-    active.log.close()
+    if active.log is not None:
+        active.log.close()
     record.exit_code = code
     record.finished = now()
     record.duration_s = round(time.monotonic() - active.start, 3)
@@ -267,17 +299,10 @@ def _exit_reason(code: int) -> str:
     return f"exit code {code}"
 
 
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _stop_all(active: list[_Active], sweep_dir: Path, grace_s: float, out: TextIO) -> None:
     """Ctrl-C: ask every run to stop (SIGINT, as a terminal would), SIGKILL what is left after the grace."""
     for item in active:
-        _signal_group(item.process, signal.SIGINT)
+        item.process.interrupt()
     deadline = time.monotonic() + grace_s
     try:
         while any(a.process.poll() is None for a in active) and time.monotonic() < deadline:
@@ -286,7 +311,7 @@ def _stop_all(active: list[_Active], sweep_dir: Path, grace_s: float, out: TextI
         pass
     for item in active:
         if item.process.poll() is None:
-            _signal_group(item.process, signal.SIGKILL)
+            item.process.kill()
             item.process.wait()
         _finish(item, sweep_dir)
         if item.record.status != "completed":  # it may have finished within the grace period
@@ -313,6 +338,9 @@ class _Queue:
         self.spec, self.state, self.sweep_dir, self.options = spec, state, sweep_dir, options
         self.cap = cap_for(spec, options.max_runs)
         self.pending: deque[RunRecord] = deque()
+        self.gpu_ids = run_gpus(options)
+        self.early_terminate = check_early_terminate(spec)
+        self.gpus_needed: dict[str, int] = {}
         self.total = self.done = 0
 
     def plan_grid(self) -> list[Proposal]:
@@ -328,7 +356,7 @@ class _Queue:
         records = []
         for proposal in proposals:
             try:
-                preflight(self.spec, proposal, run_settings(self.spec, proposal.name, self.sweep_dir, self.options))
+                self._check_gpus(proposal, preflight(self.spec, proposal, run_settings(self.spec, proposal.name, self.sweep_dir, self.options)))
             except SweepError as err:
                 if self.spec.method == "grid":  # a broken grid is fixed before anything runs
                     raise
@@ -361,11 +389,16 @@ class _Queue:
         proposal = propose(self.spec, self.state.runs, len(self.state.runs), self._metric)
         record = self._record(proposal)
         try:
-            preflight(self.spec, proposal, run_settings(self.spec, proposal.name, self.sweep_dir, self.options))
+            self._check_gpus(proposal, preflight(self.spec, proposal, run_settings(self.spec, proposal.name, self.sweep_dir, self.options)))
         except SweepError as err:  # a proposal the config rejects fails alone; the search goes on
             record.status, record.error = "failed", str(err)
             return record, str(err)
         return record, None
+
+    def _check_gpus(self, proposal: Proposal, cfg: DictConfig) -> None:
+        need = self.gpus_needed[proposal.name] = gpus_needed(cfg, len(self.gpu_ids))
+        if need > len(self.gpu_ids):
+            raise SweepError(f"run {proposal.name}: trainer.devices={cfg.trainer.devices} needs {need} GPUs; this machine shows {len(self.gpu_ids)}")
 
     def _metric(self, record: RunRecord) -> float | None:
         assert self.spec.metric is not None
@@ -385,7 +418,10 @@ def _still_running(record: RunRecord) -> bool:
     """Whether the process of a 'running' record outlived its runner (e.g. the runner was SIGKILLed).
 
     The pid alone could have been reused, so on Linux its command line must also name the run.
+    A cluster job (``job_id``) is asked about through ``squeue`` where SLURM is installed.
     """
+    if record.job_id and record.pid is None:
+        return _job_alive(record.job_id)
     if record.pid is None:
         return False
     try:
@@ -408,12 +444,24 @@ def _still_running(record: RunRecord) -> bool:
     return False
 
 
+def _job_alive(job_id: str) -> bool:
+    """Whether SLURM still lists the job (pending or running); False without SLURM (local jobs
+    end with their runner's process group)."""
+    try:
+        listed = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%i"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return listed.returncode == 0 and bool(listed.stdout.strip())
+
+
 def _reconcile(state: SweepState, sweep_dir: Path, out: TextIO) -> None:
     """Trust the run directories: summary.json decides completion; a stale 'running' was interrupted."""
     orphans = [r for r in state.runs if r.status == "running" and _still_running(r)]
     if orphans:
-        listing = ", ".join(f"{r.name} (pid {r.pid})" for r in orphans)
-        raise SweepError(f"{sweep_dir}: runs of an earlier runner are still going: {listing}; wait for them or stop them (kill -- -PID)")
+        listing = ", ".join(f"{r.name} (job {r.job_id})" if r.job_id else f"{r.name} (pid {r.pid})" for r in orphans)
+        raise SweepError(
+            f"{sweep_dir}: runs of an earlier runner are still going: {listing}; wait for them or stop them (kill -- -PID, scancel JOB)"
+        )
     for record in state.runs:
         done = bool(record.run_dir) and is_completed(sweep_dir / record.run_dir)
         if record.status == "completed" and not done:
@@ -458,12 +506,17 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, out: TextIO | None = None)
     out = out or sys.stdout
     if options.parallel < 1:
         raise SweepError(f"--parallel must be >= 1, got {options.parallel}")
+    if options.launcher not in LAUNCHERS:
+        raise SweepError(f"--launcher is {options.launcher!r}; valid: {list(LAUNCHERS)}")
+    check_early_terminate(spec)
     _check_overrides(spec, options.overrides)
     sweep_dir = (options.sweep_dir or default_sweep_dir(spec)).resolve()
     if options.dry_run:
         return dry_run(spec, sweep_dir, options, out)
     with locked(sweep_dir):
         state = _open_state(spec, sweep_dir, options, out)
+        if spec.claims and (note := freeze_claims(spec.path, sweep_dir)):  # claims as declared before running
+            print(note, file=out)
         _reconcile(state, sweep_dir, out)
         queue = _Queue(spec, state, sweep_dir, options)
         queue.build()
@@ -491,9 +544,12 @@ def _execute(queue: _Queue, sweep_dir: Path, options: SweepOptions, out: TextIO)
     result = SweepResult(sweep_dir, state)
     env = _child_env(options)
     active: list[_Active] = []
+    launcher = None
+    if options.launcher == "submitit":
+        launcher = submitit_launcher(sweep_dir, options.launcher_config or experiments_dir() / "launch" / DEFAULT_SUBMITIT_PRESET)
     handlers = _install_signal_handlers()
     try:
-        for _ in _loop(queue, active, sweep_dir, env, options, progress, result):
+        for _ in _loop(queue, active, sweep_dir, env, options, progress, result, launcher):
             save_state(state, sweep_dir)
     except KeyboardInterrupt as err:
         reason = "SIGTERM/SIGHUP" if isinstance(err, _Terminated) else "Ctrl-C"
@@ -507,12 +563,16 @@ def _execute(queue: _Queue, sweep_dir: Path, options: SweepOptions, out: TextIO)
 
 
 def _loop(
-    queue: _Queue, active: list[_Active], sweep_dir: Path, env: dict[str, str], options: SweepOptions, progress: _Progress, result: SweepResult
+    queue: _Queue, active: list[_Active], sweep_dir: Path, env: dict[str, str], options: SweepOptions, progress: _Progress,
+    result: SweepResult, launcher: SubmititLauncher | None,
 ) -> Iterator[None]:
-    """Start runs while slots are free; reap finished ones. Yields after every state change."""
+    """Start runs while slots (and GPUs) are free; reap finished ones. Yields after every state change."""
+    pool = GpuPool(queue.gpu_ids)
+    waiting = None  # the next run, while the GPUs it needs are busy
     while True:
         while len(active) < options.parallel:
-            item = queue.next()
+            item = waiting or queue.next()
+            waiting = None
             if item is None:
                 break
             record, rejected = item
@@ -520,21 +580,42 @@ def _loop(
                 progress.finished(record)
                 yield
                 continue
-            active.append(_launch(record, sweep_dir, env))
+            need = queue.gpus_needed.get(record.name, 0)
+            gpus = pool.take(need)
+            if gpus is None:
+                waiting = item
+                break
+            active.append(_launch(record, sweep_dir, env, gpus if need else None, launcher))
             result.launched.append(record.name)
-            print(f"  → {record.name} started (attempt {record.attempts}, log {record.log})", file=progress.out, flush=True)
+            where = f", GPUs {','.join(gpus)}" if need else ""
+            job = f", job {record.job_id}" if record.job_id else ""
+            print(f"  → {record.name} started (attempt {record.attempts}{where}{job}, log {record.log})", file=progress.out, flush=True)
             yield
         if not active:
             return
         time.sleep(options.poll_s)
         for item in active:
             _echo_progress(item, sweep_dir, progress.out)
+        if queue.early_terminate:
+            _early_terminate(queue, active, sweep_dir)
         for item in [a for a in active if a.process.poll() is not None]:
             _echo_progress(item, sweep_dir, progress.out)
             active.remove(item)
+            pool.release(item.record.gpus)
             _finish(item, sweep_dir)
+            if item.stopped:
+                item.record.status = STOPPED
+                item.record.error = f"stopped by early_terminate (hyperband on {queue.spec.metric['name']})"  # type: ignore[index]
             progress.finished(item.record)
             yield
+
+
+def _early_terminate(queue: _Queue, active: list[_Active], sweep_dir: Path) -> None:
+    """Kill the process group of every active run hyperband stops at its current bracket."""
+    running = {a.record.name: a for a in active if not a.stopped and a.process.poll() is None}
+    for name in runs_to_stop(queue.spec, queue.state.runs, sweep_dir, set(running)):
+        running[name].stopped = True
+        running[name].process.kill()
 
 
 def _install_signal_handlers() -> dict[int, Any]:
@@ -588,11 +669,14 @@ def dry_run(spec: SweepSpec, sweep_dir: Path, options: SweepOptions, out: TextIO
             proposals.append(proposal)
             scratch.append(_scratch_record(proposal))
         note = f" ({spec.method}: proposals after the first depend on results)" if spec.method == "bayes" else ""
-    print(f"sweep {spec.name} ({spec.method}): {len(proposals)} runs → {sweep_dir}{note}", file=out)
+    gpu_ids = run_gpus(options)
+    gpus = f" · GPUs {','.join(gpu_ids)}, parallel {options.parallel}" if gpu_ids else ""
+    print(f"sweep {spec.name} ({spec.method}): {len(proposals)} runs → {sweep_dir}{note}{gpus}", file=out)
+    to_run: list[tuple[Proposal, str, int]] = []
     for proposal in proposals:
         record = state.run(proposal.name) if state else None
         try:
-            preflight(spec, proposal, run_settings(spec, proposal.name, sweep_dir, options))
+            cfg = preflight(spec, proposal, run_settings(spec, proposal.name, sweep_dir, options))
         except SweepError as err:
             if spec.method == "grid":
                 raise
@@ -600,7 +684,11 @@ def dry_run(spec: SweepSpec, sweep_dir: Path, options: SweepOptions, out: TextIO
             continue
         status = record.status if record else "new"
         action = "run" if record is None or (needs_run(record, options.retry_failed) and not _rejected(record)) else "skip"
-        print(f"  [{action}: {status}] {proposal.name}", file=out)
+        to_run.append((proposal, f"{action}: {status}", gpus_needed(cfg, len(gpu_ids)) if action == "run" else 0))
+    slots = plan_slots([need for _, _, need in to_run], gpu_ids, options.parallel)
+    for (proposal, label, need), slot in zip(to_run, slots):
+        where = "" if not need else (f" · CUDA_VISIBLE_DEVICES={','.join(slot)}" if slot else f" · needs {need} GPUs, {len(gpu_ids)} visible")
+        print(f"  [{label}] {proposal.name}{where}", file=out)
         print(f"    {shlex.join(run_command(spec, proposal, sweep_dir, options))}", file=out)
     if proposals:
         print("with a W&B server (wandb sweep FILE; wandb agent ID), the agent runs e.g.:", file=out)

@@ -19,13 +19,14 @@ import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
 
 from varedit_lab.config import ConfigError, load_config
+from varedit_lab.sweep.claims import Claim, ClaimsError, load_sweep_claims
 
 # Macros that expand to the parameters, and the prefix each gives a ``key=value`` pair.
 ARG_MACROS: dict[str, str] = {"${args_no_hyphens}": "", "${args}": "--"}
@@ -69,6 +70,7 @@ class SweepSpec:
     metric: dict[str, str] | None = None  # {"name": ..., "goal": "minimize" | "maximize"}
     run_cap: int | None = None
     project: str | None = None
+    claims: tuple[Claim, ...] = ()  # declared beside the file (<name>.claims.yaml), see sweep.claims
 
     @property
     def swept_keys(self) -> list[str]:
@@ -113,8 +115,13 @@ def read_sweep_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_sweep(path: str | Path, *, allow_custom_command: bool = False) -> SweepSpec:
-    """Read and validate a sweep file; raises :class:`SweepError` listing every problem."""
-    return parse_sweep(read_sweep_file(path), source=str(path), path=Path(path), allow_custom_command=allow_custom_command)
+    """Read and validate a sweep file and its claims; raises :class:`SweepError` listing every problem."""
+    spec = parse_sweep(read_sweep_file(path), source=str(path), path=Path(path), allow_custom_command=allow_custom_command)
+    try:
+        claims = load_sweep_claims(path, spec.parameters)
+    except ClaimsError as err:
+        raise SweepError(str(err)) from None
+    return replace(spec, claims=claims)
 
 
 def parse_sweep(
@@ -350,7 +357,7 @@ def import_sweeps() -> Any:
             warnings.simplefilter("ignore")  # pydantic v1-style config warnings on import
             import sweeps
     except ImportError:
-        raise SweepError("sweeps need the 'sweeps' package: pip install sweeps==0.2.0 (or pip install -e .[dev])") from None
+        raise SweepError("sweeps need the 'sweeps' package: pip install sweeps==0.2.0 (or pip install -e .)") from None
     return sweeps
 
 

@@ -29,8 +29,9 @@ STATE_FILE = "sweep.json"
 STATE_VERSION = 1
 # pending: not started · running: a process is (or was, if the runner died) working on it ·
 # completed: summary.json says so · failed: non-zero exit or no completed summary ·
-# interrupted: stopped by Ctrl-C/SIGTERM (run again by the next invocation, unlike failed).
-STATUSES = ("pending", "running", "completed", "failed", "interrupted")
+# interrupted: stopped by Ctrl-C/SIGTERM (run again by the next invocation, unlike failed) ·
+# stopped: ended early by the sweep's early_terminate (hyperband); kept, never rerun.
+STATUSES = ("pending", "running", "completed", "failed", "interrupted", "stopped")
 
 
 def now() -> str:
@@ -47,6 +48,8 @@ class RunRecord:
     log: str = ""  # relative to the sweep dir
     exit_code: int | None = None
     pid: int | None = None  # of the latest attempt's process
+    job_id: str | None = None  # of the latest attempt's submitit job (--launcher submitit)
+    gpus: list[str] | None = None  # CUDA_VISIBLE_DEVICES of the latest attempt (None: not set)
     attempts: int = 0
     started: str | None = None
     finished: str | None = None

@@ -1,4 +1,8 @@
-"""Mean and 95 % confidence interval over seeds, with Student's t (no scipy at run time)."""
+"""Mean and 95 % confidence interval over seeds, with Student's t (no scipy at run time).
+
+Two tables of Student's t quantiles: t(0.975, df) for two-sided 95 % intervals and t(0.80, df) for
+80 % power (minimum detectable effects, seeds needed; see :mod:`varedit_lab.sweep.paired`).
+"""
 
 from __future__ import annotations
 
@@ -16,19 +20,36 @@ _T975 = (
 # Beyond 30 the table is sparse; the value at the next lower tabulated df is used (conservative).
 _T975_LARGE = ((40, 2.021), (60, 2.000), (120, 1.980))
 _Z975 = 1.960
+# One-sided 80 % quantiles t(0.80, df), df = 1..30, then 40 / 60 / 120 and the normal limit.
+_T80 = (
+    1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879,
+    0.876, 0.873, 0.870, 0.868, 0.866, 0.865, 0.863, 0.862, 0.861, 0.860,
+    0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855, 0.854, 0.854,
+)  # fmt: skip
+_T80_LARGE = ((40, 0.851), (60, 0.848), (120, 0.845))
+_Z80 = 0.842
+
+
+def _lookup(df: int, table: tuple[float, ...], large: tuple[tuple[int, float], ...], limit: float) -> float:
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(table):
+        return table[df - 1]
+    value = table[-1]
+    for bound, t in large:
+        if df >= bound:
+            value = t
+    return value if df < 1000 else limit
 
 
 def t_critical(df: int) -> float:
     """t(0.975, df): the half-width multiplier of a two-sided 95 % interval."""
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    value = _T975[-1]
-    for bound, t in _T975_LARGE:
-        if df >= bound:
-            value = t
-    return value if df < 1000 else _Z975
+    return _lookup(df, _T975, _T975_LARGE, _Z975)
+
+
+def t_power(df: int) -> float:
+    """t(0.80, df): the extra multiplier that buys 80 % power in a two-sided 5 % t-test."""
+    return _lookup(df, _T80, _T80_LARGE, _Z80)
 
 
 @dataclass(frozen=True)
