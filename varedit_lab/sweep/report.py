@@ -614,7 +614,7 @@ def gather_evidence(sweep_dir: Path, state: SweepState, results: list[RunResult]
         edits=edits_section(groups, sweep_dir),
     )
     if source is None:
-        evidence.notes.append(f"- no declared claims (put them in `{Path(state.sweep_file or 'SWEEP').stem}.claims.yaml` beside the sweep file)")
+        evidence.notes.append(f"- no declared claims (put them in `{state.name or Path(state.sweep_file or 'SWEEP').stem}.claims.yaml` beside the sweep file)")
     skipped = samples.skipped()
     if skipped:
         evidence.notes.append(f"- unreadable samples.jsonl lines skipped: {skipped}")
