@@ -51,7 +51,7 @@ PARAMETERS = """\
 # Parameters (papermill-style: a cell inserted after this one may override any of them).
 CHECKPOINTS = "auto"   # "auto": the demo sweep's runs when present (runs/demo/*/sweep/runs), else train here;
                        # None: always train here; a path: a sweep folder (or its runs/) with one run per strategy
-WORK_DIR = None        # data, tokenizer, runs and probe outputs (None: a new temporary folder)
+WORK_DIR = None        # data, tokenizer, runs and probe outputs (None: a temporary folder, removed when the kernel stops)
 STRATEGIES = ["full_scale", "max_scale", "sar"]
 TRAIN_SAMPLES = 1024   # synthetic edit pairs (32 px) when training here
 TOKENIZER_STEPS = 150  # 0: an untrained (random) tokenizer, saved so that training and probing share it
@@ -92,10 +92,12 @@ import lightning.pytorch  # noqa: E402,F401  (it sets its loggers to INFO on imp
 for name in ("lightning.pytorch", "lightning.fabric"):
     logging.getLogger(name).setLevel(logging.WARNING)
 torch.manual_seed(SEED)
-work = Path(WORK_DIR) if WORK_DIR else Path(tempfile.mkdtemp(prefix="attention-diagnostics-"))
+# WORK_DIR=None: a TemporaryDirectory, deleted when this object is (at the latest when the kernel stops).
+scratch = None if WORK_DIR else tempfile.TemporaryDirectory(prefix="attention-diagnostics-")
+work = Path(WORK_DIR) if WORK_DIR else Path(scratch.name)
 work.mkdir(parents=True, exist_ok=True)
 print(f"python: {sys.executable} (prefix {sys.prefix})")
-print(f"work dir: {work}")
+print(f"work dir: {work}" + (" (temporary: removed when the kernel stops; set WORK_DIR to keep it)" if scratch else ""))
 
 
 def show(fig) -> None:
@@ -137,7 +139,15 @@ def sweep_checkpoints(spec) -> dict[str, Path] | None:
 
 checkpoints = sweep_checkpoints(CHECKPOINTS) if CHECKPOINTS else None
 probe_data = None  # None: each checkpoint's own validation shards
-print("loading:" if checkpoints else "training here", json.dumps({k: str(v) for k, v in (checkpoints or {}).items()}, indent=1))
+if checkpoints:
+    print("loading:", json.dumps({k: str(v) for k, v in checkpoints.items()}, indent=1))
+else:
+    # 5-15 min for the defaults' 510 steps on a 2-core CPU (0.2-0.7 s per step, plus setup per run)
+    steps = TOKENIZER_STEPS + len(STRATEGIES) * EDITOR_STEPS
+    low, high = 5 * steps / 510, 15 * steps / 510
+    print(f"training here: a tokenizer ({TOKENIZER_STEPS} steps) and {len(STRATEGIES)} editors ({EDITOR_STEPS} steps each),\\n"
+          f"about {low:.0f}-{high:.0f} min on a 2-core CPU (progress lines below). For seconds instead, run\\n"
+          "`make demo DEMO=quick` first: CHECKPOINTS='auto' then probes its sweep's runs.")
 """
 
 TRAIN = """\

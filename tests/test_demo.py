@@ -22,6 +22,10 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch) -> None:
     summary = demo.run_demo("smoke", tmp_path / "runs" / "demo", parallel=2, out=log)
 
     assert summary["sweep_exit_code"] == 0, log.getvalue()
+    text = log.getvalue()
+    assert "(data " in text and " tokenizer " in text and " sweep " in text  # minutes per stage
+    assert f"add tokenizer.checkpoint={summary['tokenizer']}" in text  # README's commands after a mode with its own tokenizer
+    assert "    » sar-s0: done, 4 steps in" in text  # each sweep run's progress
     assert set(summary["stage_minutes"]) == {"data", "tokenizer", "precompute", "sweep", "cost", "report", "probes"}
     cost = json.loads((tmp_path / "runs" / "demo" / "smoke" / "sweep" / "cost.json").read_text())
     assert set(cost["strategies"]) == {"full_scale_all", "max_scale", "sar", "text_only"}

@@ -72,6 +72,10 @@ def test_notebook_executes_headless(tmp_path, monkeypatch):
 
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     assert not [out for out in outputs if out.output_type == "error"]
+    find = next(cell for cell in nb.cells if "def sweep_checkpoints(" in cell.source)
+    # no demo runs: how long it will train, said before it trains (4 + 3 x 6 steps), and the faster way
+    assert "training here: a tokenizer (4 steps) and 3 editors (6 steps each)" in text(find)
+    assert "about 0-1 min" in text(find) and "make demo DEMO=quick" in text(find)
     setup = next(cell for cell in nb.cells if "def show(" in cell.source)
     assert f"prefix {sys.prefix})" in text(setup)  # the kernel ran in the test's environment
     # 3 strategies x (block mass, locality, maps) + the comparison
@@ -97,3 +101,21 @@ def test_notebook_executes_headless(tmp_path, monkeypatch):
         assert json.loads((probe_dir / "probe.json").read_text())["strategy"]["name"] == strategy
         assert (work / "runs" / f"{strategy}-s0" / "checkpoints" / "last.ckpt").is_file()
     assert (work / "tokenizer" / "tokenizer.pt").is_file() and (work / "strategy_comparison.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_temporary_work_dir_is_removed_when_the_kernel_stops(tmp_path, monkeypatch):
+    """WORK_DIR=None: the setup cell's temporary folder does not outlive the kernel."""
+    from nbclient import NotebookClient
+
+    use_this_python_kernel(tmp_path / "kernel", monkeypatch)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))  # the kernel's tempfile.gettempdir()
+    nb = read_notebook()
+    setup = next(i for i, cell in enumerate(nb.cells) if "def show(" in cell.source)
+    nb.cells = nb.cells[: setup + 1]  # parameters (WORK_DIR = None) and setup only
+    NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(REPO)}}).execute()
+    printed = "".join(out.get("text", "") for out in nb.cells[setup].outputs if out.output_type == "stream")
+    assert f"work dir: {temp}/attention-diagnostics-" in printed and "removed when the kernel stops" in printed
+    assert list(temp.glob("attention-diagnostics-*")) == []  # execute() shut the kernel down: the folder is gone

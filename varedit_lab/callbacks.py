@@ -1,4 +1,5 @@
-"""Lightning callbacks of every training run: step timing, the run summary, validation at the end."""
+"""Lightning callbacks of every training run: step timing, the run summary, validation at the end,
+console progress."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from varedit_lab.console import RunConsole, format_duration, format_metric
 from varedit_lab.runs import RunFolder
 
 
@@ -122,3 +124,73 @@ class RunCheckpoint(ModelCheckpoint):
                    if key.startswith("train/") and not key.endswith("_epoch") and value.numel() == 1}
         if metrics and trainer.global_step > 0:
             checkpoint[PENDING_ROW_KEY] = {"step": trainer.global_step - 1, "epoch": trainer.current_epoch, **metrics}
+
+
+class ConsoleProgress(pl.Callback):
+    """Progress on the console and in ``console.log`` (rank 0): ``step 120/400 (30 %)``, the training
+    metric that matters, time per step and the ETA, about ``lines`` times per run; the validation
+    metrics after each validation; a final line with the result.
+
+    ``echo_steps=False`` (a TQDM bar shows the steps) keeps the step lines in ``console.log`` only.
+    """
+
+    def __init__(self, console: RunConsole, label: str, train_metric: str, val_metrics: tuple[str, ...],
+                 echo_steps: bool = True, lines: int = 10) -> None:
+        self.console = console
+        self.label = label
+        self.train_metric = train_metric
+        self.val_metrics = val_metrics
+        self.echo_steps = echo_steps
+        self.lines = lines
+        self._start = 0.0
+        self._start_step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start, self._start_step = time.perf_counter(), trainer.global_step
+        if trainer.is_global_zero:
+            resumed = f" (resuming at step {trainer.global_step})" if trainer.global_step else ""
+            self.console.say(f"{self.label}: training {trainer.max_steps} steps{resumed}")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        every = max(1, total // self.lines) if total > 0 else 50
+        if not trainer.is_global_zero or (step % every and step != 1):
+            return
+        per_step = (time.perf_counter() - self._start) / max(1, step - self._start_step)
+        parts = [f"step {step}/{total} ({100 * step / total:.0f} %)" if total > 0 else f"step {step}"]
+        value = _scalar(trainer.callback_metrics.get(self.train_metric))
+        if value is not None:
+            parts.append(format_metric(self.train_metric, value))
+        parts.append(f"{per_step:.2f} s/step")
+        if total > 0:
+            parts.append(f"ETA {format_duration(per_step * (total - step))}")
+        self.console.say(f"{self.label}: " + " · ".join(parts), echo=self.echo_steps)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        values = self._values(trainer, self.val_metrics)
+        if values:
+            self.console.say(f"{self.label}: validation at step {trainer.global_step}: {values}")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if not self._start:  # a resume of a finished run: no training in this process
+            self.console.say(f"{self.label}: nothing to train (the run already reached step {trainer.global_step})")
+            return
+        took = format_duration(time.perf_counter() - self._start)
+        values = self._values(trainer, self.val_metrics) or self._values(trainer, (self.train_metric,))
+        result = f" · {values}" if values else ""
+        self.console.say(f"{self.label}: done, {trainer.global_step} steps in {took}{result}")
+
+    @staticmethod
+    def _values(trainer: pl.Trainer, names: tuple[str, ...]) -> str:
+        found = [(name, _scalar(trainer.callback_metrics.get(name))) for name in names]
+        return " · ".join(format_metric(name, value) for name, value in found if value is not None)
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = float(value)
+    return value if isinstance(value, float) and math.isfinite(value) else None

@@ -228,9 +228,14 @@ def run_demo(mode: str = "full", root: str | Path = "runs/demo", parallel: int =
     }
     (paths.root / mode).mkdir(parents=True, exist_ok=True)
     (paths.root / mode / "demo.json").write_text(json.dumps(summary, indent=2))
-    _say(out, f"done in {total / 60:.1f} min")
+    stages = ", ".join(f"{name} {minutes:.1f}" for name, minutes in summary["stage_minutes"].items())
+    _say(out, f"done in {total / 60:.1f} min ({stages} min; stages reused from an earlier run take seconds)")
     for key in ("report", "best_run", "probes", "tokenizer", "data"):
         _say(out, f"{key}: {summary[key]}")
+    if not plan.shared_tokenizer:
+        # the experiments/ configs read runs/<tokenizer name>/tokenizer.pt; this mode trained a shorter one elsewhere
+        _say(out, f"the README's editor commands need a tokenizer: add tokenizer.checkpoint={tokenizer.get('path')} "
+                  f"(or first: varedit-lab train experiments/{plan.tokenizer_config})")
     return summary
 
 

@@ -65,12 +65,14 @@ class EditQuality(Metric):
             "balance": torch.where(has_s & has_p, harmonic, nan),
         }
 
-    def update(self, edited: torch.Tensor, source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
-        """All images (B, 3, H, W) in [-1, 1]; ``mask`` (B, 1, H, W) with 1 = edit region."""
-        self.update_values(self.per_sample(edited, source, target, mask))
+    def update(self, edited: torch.Tensor | None = None, source: torch.Tensor | None = None, target: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, *, values: dict[str, torch.Tensor] | None = None) -> None:
+        """All images (B, 3, H, W) in [-1, 1]; ``mask`` (B, 1, H, W) with 1 = edit region. Or ``values``:
+        the per-sample values of :meth:`per_sample`, already computed (NaN = not measured). Both go
+        through ``update`` so that torchmetrics counts them (else ``compute`` warns on every validation)."""
+        self._accumulate(values if values is not None else self.per_sample(edited, source, target, mask))
 
-    def update_values(self, values: dict[str, torch.Tensor]) -> None:
-        """Accumulate the per-sample values of :meth:`per_sample` (NaN = not measured)."""
+    def _accumulate(self, values: dict[str, torch.Tensor]) -> None:
         for total, count, name in (("success_psnr", "n_success", "success"), ("preservation_psnr", "n_preservation", "preservation"),
                                    ("balance", "n_balance", "balance")):
             seen = ~torch.isnan(values[name])

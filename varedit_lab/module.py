@@ -82,6 +82,7 @@ class EditorModule(pl.LightningModule):
         self._samples: dict[str, dict[str, Any]] = {}  # per-sample values of this validation (samples.jsonl)
         self._edits_done = 0
         self._grid: list[torch.Tensor] = []
+        self._grid_captions: list[str] = []  # the instructions of the grid's rows
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.num_scales = k
 
@@ -327,14 +328,15 @@ class EditorModule(pl.LightningModule):
             copied = self.tokenizer.decode([b[:n] for b in source_bits], self.schedule)
             edited = EditQuality.per_sample(images[has_mask], source[has_mask], target[has_mask], mask)
             copy = EditQuality.per_sample(copied[has_mask], source[has_mask], target[has_mask], mask)
-            self.val_quality.update_values(edited)
-            self.copy_quality.update_values(copy)
+            self.val_quality.update(values=edited)
+            self.copy_quality.update(values=copy)
             for j, row in enumerate(torch.nonzero(has_mask).flatten().tolist()):
                 record = self._sample_record(batch, row)
                 record.update({name: float(edited[name][j]) for name in ("success", "preservation", "balance")})
                 record.update({f"copy_{name}": float(copy[name][j]) for name in ("success", "preservation", "balance")})
         if not self._grid:
             self._grid = [source.cpu(), target.cpu(), images.cpu()]
+            self._grid_captions = [str(t) for t in batch.get("instruction", [""] * n)[:n]]
         self._edits_done += n
 
     @torch.no_grad()
@@ -388,14 +390,14 @@ class EditorModule(pl.LightningModule):
         path.write_text("\n".join(lines) + "\n")
 
     def _save_grid(self) -> None:
-        from varedit_lab.images import image_grid, save_image
+        from varedit_lab.images import labelled_grid, save_image
 
-        grid = image_grid(self._grid)
+        grid = labelled_grid(self._grid, self._grid_captions)
         run_dir = Path(self.trainer.default_root_dir)
         path = save_image(grid, run_dir / "val_edits" / f"step{self.global_step:06d}.png")
         for logger in self.loggers:
             if hasattr(logger, "log_image") and self.cfg.logger.log_images:
-                logger.log_image(key="val/edits", images=[str(path)], caption=["source | target | edit (rows)"], step=self.global_step)
+                logger.log_image(key="val/edits", images=[str(path)], caption=["source | target | edit, the instruction under each row"], step=self.global_step)
 
     # ---------------------------------------------------------------------------------------------
     # checkpoints: the frozen tokenizer / text encoder are rebuilt from config, not saved

@@ -8,6 +8,7 @@
       summary.json         status, steps, final metrics (what sweeps and reports read)
       checkpoints/         last.ckpt (resume), best.ckpt (by trainer.checkpoint_monitor); dirs under fsdp/fsdp2
       val_edits/           validation edit grids
+      console.log          the console's progress and result lines, and the libraries' info messages
       samples.jsonl        per-sample validation values of the last validation (paired statistics)
       wandb/               the W&B run (offline unless logger.mode=online)
       previous/attempt-N/  what an earlier attempt left when the folder was reused without resuming
@@ -28,7 +29,7 @@ from typing import Any
 
 # The files and folders of a run (everything but previous/); moved together when a folder is reused.
 RUN_ARTIFACTS = ("config.yaml", "metrics.csv", "summary.json", "samples.jsonl", "checkpoints", "val_edits", "probes",
-                 "wandb", "hparams.yaml", "tokenizer.pt")
+                 "wandb", "hparams.yaml", "tokenizer.pt", "console.log")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class RunFolder:
     @property
     def summary_path(self) -> Path:
         return self.path / "summary.json"
+
+    @property
+    def console_log(self) -> Path:
+        return self.path / "console.log"
 
     @property
     def samples(self) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -28,10 +29,13 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig
 
-from varedit_lab.callbacks import PENDING_ROW_KEY, RunCheckpoint, RunSummary, StepTimer, ValidateAtEnd
+from varedit_lab.callbacks import PENDING_ROW_KEY, ConsoleProgress, RunCheckpoint, RunSummary, StepTimer, ValidateAtEnd
 from varedit_lab.checkpoint_io import CheckpointError, check_checkpoint, is_checkpoint
 from varedit_lab.config import ConfigError, config_hash, save_config, to_dict
 from varedit_lab.config.identity import model_changes
+from varedit_lab.config.inputs import missing_tokenizer
+from varedit_lab.data.shards import expand_shards
+from varedit_lab.console import RunConsole, library_logs_to, quiet_library_warnings
 from varedit_lab.distributed import TopologyCheck, fsdp2_strategy, fsdp_strategy
 from varedit_lab.model.compat import check_finite
 from varedit_lab.runs import RunFolder
@@ -40,6 +44,13 @@ from varedit_lab.trainer_options import log_model_setting
 
 # Expected in every run: the frozen tokenizer/text encoder are in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+quiet_library_warnings()
+
+# What the console's progress lines show per task: the training metric, then the validation metrics.
+PROGRESS_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "tokenizer": ("train/psnr", ("val/psnr", "val/psnr_textured", "val/roundtrip_bit_acc")),
+    "editor": ("train/loss", ("val/balance", "val/success", "val/preservation", "val/copy_balance", "val/bit_acc")),
+}
 
 
 def run_name(cfg: DictConfig, config_path: str | Path | None = None) -> str:
@@ -167,7 +178,7 @@ def build_loggers(cfg: DictConfig, folder: RunFolder | Path, name: str, resume: 
         log_model = False
     if mode != "disabled":
         loggers.append(
-            WandbLogger(
+            QuietWandbLogger(
                 project=cfg.logger.project,
                 name=cfg.logger.name or name,
                 group=cfg.logger.group,
@@ -181,9 +192,25 @@ def build_loggers(cfg: DictConfig, folder: RunFolder | Path, name: str, resume: 
     return loggers
 
 
+class QuietWandbLogger(WandbLogger):
+    """Lightning's W&B logger, without W&B's console output: silent offline (the run is in the
+    folder; ``wandb sync`` uploads it), quiet online (the run's URL, no run-history footer)."""
+
+    def __init__(self, *, offline: bool, **kwargs: Any) -> None:
+        import wandb  # imported by WandbLogger anyway; only runs that log to W&B pay for it
+
+        settings = wandb.Settings(silent=True) if offline else wandb.Settings(quiet=True)
+        super().__init__(offline=offline, settings=settings, **kwargs)
+        # Lightning always passes anonymous=None, which W&B >= 0.19 answers with a deprecation
+        # warning in every run; leaving the argument out is what "not anonymous" means there.
+        self._wandb_init.pop("anonymous", None)
+
+
 def build_callbacks(
-    cfg: DictConfig, folder: RunFolder | Path, extra_summary: dict[str, Any], resume: ResumePoint | None = None
+    cfg: DictConfig, folder: RunFolder | Path, extra_summary: dict[str, Any], resume: ResumePoint | None = None,
+    console_log: Path | None = None,
 ) -> tuple[list[pl.Callback], StepTimer, RunSummary]:
+    """The callbacks of every run; progress lines go to the console and to ``console_log`` (if given)."""
     folder = RunFolder(folder) if not isinstance(folder, RunFolder) else folder
     timer = StepTimer()
     summary = RunSummary(folder, timer, extra_summary, resumed=resume is not None)
@@ -209,9 +236,18 @@ def build_callbacks(
 
         callbacks.append(ProbeCallback.from_config(cfg.probes))
     callbacks += build_extra_callbacks(cfg.trainer.callbacks)
-    if cfg.trainer.progress_bar:
+    train_metric, val_metrics = PROGRESS_METRICS.get(cfg.task, PROGRESS_METRICS["editor"])
+    console = RunConsole(console_log)
+    callbacks.append(ConsoleProgress(console, folder.name, train_metric, val_metrics, echo_steps=not progress_bar_on(cfg)))
+    if progress_bar_on(cfg):
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
     return callbacks, timer, summary
+
+
+def progress_bar_on(cfg: DictConfig) -> bool:
+    """The TQDM bar only on a terminal: redirected, its carriage-return frames fill the log file
+    (the console progress lines say the same, one line each)."""
+    return bool(cfg.trainer.progress_bar) and sys.stdout.isatty()
 
 
 def build_strategy(cfg: DictConfig) -> str | Strategy:
@@ -242,7 +278,7 @@ def build_trainer(cfg: DictConfig, directory: Path, callbacks: list[pl.Callback]
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=cfg.optim.grad_clip or None,
         deterministic=t.deterministic,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=progress_bar_on(cfg),
         enable_model_summary=False,
         default_root_dir=str(directory),
         logger=loggers,
@@ -293,6 +329,19 @@ def resolve_resume(cfg: DictConfig, folder: RunFolder) -> ResumePoint | None:
     return ResumePoint(str(path), int(checkpoint.get("global_step", 0)), pending if isinstance(pending, dict) else None)
 
 
+def check_inputs(cfg: DictConfig) -> None:
+    """The tokenizer and the shards the config names exist (checked before the run folder is made)."""
+    problem = missing_tokenizer(cfg)
+    if problem:
+        raise FileNotFoundError(problem)
+    for key in ("train_shards", "val_shards"):
+        try:
+            expand_shards(cfg.data[key])
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"data.{key}: {err}\nMake shards with `varedit-lab data synth --out DIR` (the synthetic "
+                                    "benchmark; README's configs read data/synthetic64) or `varedit-lab data convert`.") from None
+
+
 def newest_checkpoint(folder: RunFolder) -> Path | None:
     """The most recently written of ``checkpoints/last.ckpt`` and ``hpc_ckpt_*.ckpt`` (run folder)."""
     candidates = [p for p in [folder.last_checkpoint, *folder.path.glob("hpc_ckpt_*.ckpt")] if is_checkpoint(p)]
@@ -321,15 +370,25 @@ def train(cfg: DictConfig, config_path: str | Path | None = None) -> Path:
         torch.set_num_threads(cfg.trainer.num_threads)
     name = run_name(cfg, config_path)
     folder = RunFolder(Path(cfg.output_dir) / name)
+    check_inputs(cfg)
     resume = resolve_resume(cfg, folder)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build_task(cfg)
     _prepare_folder(cfg, folder, resume)
+    # A resume of a finished run trains nothing and changes nothing in the folder, console.log included.
+    finished = resume is not None and 0 < cfg.trainer.max_steps <= resume.step
+    console_log = folder.console_log if rank_zero_only.rank == 0 and not finished else None
+    with library_logs_to(console_log):
+        return _fit(cfg, folder, name, module, datamodule, resume, console_log)
+
+
+def _fit(cfg: DictConfig, folder: RunFolder, name: str, module: pl.LightningModule, datamodule: pl.LightningDataModule,
+         resume: ResumePoint | None, console_log: Path | None) -> Path:
     extra = {"run_name": name, "task": cfg.task, "config": to_dict(cfg)}
     if hasattr(module, "strategy"):
         layout = module.strategy.layout(module.schedule, module.rope_layout)
         extra.update(strategy=module.strategy.describe(), metrics={"perf/seq_len": float(layout.length)})
-    callbacks, timer, summary = build_callbacks(cfg, folder, extra, resume)
+    callbacks, timer, summary = build_callbacks(cfg, folder, extra, resume, console_log)
     trainer = build_trainer(cfg, folder.path, callbacks, build_loggers(cfg, folder, name, resume))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)

@@ -16,6 +16,7 @@ with a W&B server: ``wandb sweep FILE.yaml`` then ``wandb agent ENTITY/PROJECT/S
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 ACTIONS = ("run", "report", "validate")
@@ -110,6 +111,7 @@ def _run(file: str, overrides: list[str], opts: argparse.Namespace) -> int:
     from varedit_lab.sweep import SweepOptions, load_sweep, run_sweep
 
     spec = load_sweep(file, allow_custom_command=bool(opts.allow_custom_command))
+    _warn_missing_inputs(spec, overrides)
     options = SweepOptions(
         max_runs=opts.max_runs,
         parallel=opts.parallel or 1,
@@ -123,6 +125,21 @@ def _run(file: str, overrides: list[str], opts: argparse.Namespace) -> int:
         launcher_config=opts.launcher_config,
     )
     return run_sweep(spec, options).exit_code
+
+
+def _warn_missing_inputs(spec, overrides: list[str]) -> None:
+    """Before anything runs: say so when every run would fail for a missing input file."""
+    from varedit_lab.config import ConfigError, load_config
+    from varedit_lab.config.inputs import missing_tokenizer
+
+    if not spec.experiment or "tokenizer.checkpoint" in spec.parameters:
+        return
+    try:
+        problem = missing_tokenizer(load_config(spec.experiment, overrides))
+    except ConfigError:
+        return  # the runner reports config errors itself, per run
+    if problem:
+        print(f"warning: every run of this sweep will fail:\n{problem}", file=sys.stderr, flush=True)
 
 
 def _report(sweep_dir: Path, wandb: bool) -> int:

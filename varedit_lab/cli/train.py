@@ -1,14 +1,18 @@
-"""``varedit-lab train EXPERIMENT.yaml [key=value ...]``: train the editor or the tokenizer.
+"""varedit-lab train EXPERIMENT.yaml [key=value ...]: train the editor or the tokenizer.
 
-The YAML's ``task`` selects what is trained. Overrides use the config dotlist (``optim.lr=1e-4``),
-``section=preset`` (``trainer=ddp_sim``) or the W&B agent forms (``${args_no_hyphens}`` gives
-``key=value``; ``${args}`` gives ``--key=value``).
+The YAML's task selects what is trained. Overrides use the config dotlist (optim.lr=1e-4),
+section=preset (trainer=ddp_sim) or the W&B agent forms (${args_no_hyphens} gives key=value;
+${args} gives --key=value). resume=auto continues from the run's checkpoints/last.ckpt.
+
+The console shows progress lines (step / total, the metric that matters, ETA), the validation
+results and a final line; the run folder's console.log keeps them with the libraries' messages.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,4 +34,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     directory = train(cfg, args.config)
     print(f"run directory: {directory}", file=sys.stderr)
+    tokenizer = Path(directory) / "tokenizer.pt"
+    if cfg.task == "tokenizer" and tokenizer.is_file():
+        print(f"tokenizer: {tokenizer} (editor runs use it with tokenizer.checkpoint={tokenizer})", file=sys.stderr)
     return 0

@@ -34,6 +34,7 @@ from typing import Any, Iterator, TextIO
 from omegaconf import DictConfig
 
 from varedit_lab.config import ConfigError, experiments_dir, load_config
+from varedit_lab.console import PROGRESS_MARK
 from varedit_lab.sweep.claims import freeze_claims
 from varedit_lab.sweep.early_stop import STOPPED, check_early_terminate, runs_to_stop
 from varedit_lab.sweep.gpus import GpuPool, gpus_needed, plan_slots, visible_gpus
@@ -227,6 +228,7 @@ class _Active:
     log: TextIO | None
     start: float
     stopped: bool = False  # killed by early_terminate
+    echoed: int = 0  # bytes of the log already scanned for progress lines (see _echo_progress)
 
 
 def _launch(record: RunRecord, sweep_dir: Path, env: dict[str, str], gpus: list[str] | None, launcher: SubmititLauncher | None) -> _Active:
@@ -244,16 +246,29 @@ def _launch(record: RunRecord, sweep_dir: Path, env: dict[str, str], gpus: list[
     where = f" · CUDA_VISIBLE_DEVICES={','.join(gpus)}" if gpus is not None else ""
     log.write(f"=== attempt {record.attempts} · {record.started}{where} · {shlex.join(record.command)}\n")
     log.flush()
+    echoed = log.tell()
     if launcher is not None:  # the job appends to the log itself
         log.close()
         handle: RunHandle = launcher.start(record.command, sweep_dir / record.log, env)
         record.pid, record.job_id = None, handle.job_id
-        return _Active(record, handle, None, time.monotonic())
+        return _Active(record, handle, None, time.monotonic(), echoed=echoed)
     # Own session: the runner decides how a run stops (SIGINT, then SIGKILL to the whole group,
     # which also reaches DDP ranks the run started).
     handle = LocalProcess(record.command, log, env)
     record.pid, record.job_id = handle.pid, None
-    return _Active(record, handle, log, time.monotonic())
+    return _Active(record, handle, log, time.monotonic(), echoed=echoed)
+
+
+def _echo_progress(active: _Active, sweep_dir: Path, out: TextIO) -> None:
+    """Show the run's progress and result lines (they start with ``console.PROGRESS_MARK``) as they arrive."""
+    with open(sweep_dir / active.record.log, "rb") as handle:
+        handle.seek(active.echoed)
+        data = handle.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    active.echoed += len(complete)
+    for line in complete.decode(errors="replace").splitlines():
+        if line.startswith(PROGRESS_MARK):
+            print(f"    {line}", file=out, flush=True)
 
 
 def _finish(active: _Active, sweep_dir: Path) -> None:
@@ -579,9 +594,12 @@ def _loop(
         if not active:
             return
         time.sleep(options.poll_s)
+        for item in active:
+            _echo_progress(item, sweep_dir, progress.out)
         if queue.early_terminate:
             _early_terminate(queue, active, sweep_dir)
         for item in [a for a in active if a.process.poll() is not None]:
+            _echo_progress(item, sweep_dir, progress.out)
             active.remove(item)
             pool.release(item.record.gpus)
             _finish(item, sweep_dir)
