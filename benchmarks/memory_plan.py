@@ -71,7 +71,12 @@ with torch.device("meta"):
     model = build_transformer(cfg.model, 32, False)
 load_released(model, sys.argv[1])
 total = float(sum(p.sum() for p in model.parameters()))  # touch every byte (no copy)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM is this process image's own peak; ru_maxrss would also count the parent's RSS at fork (Linux keeps
+# the larger of the two across exec), which inflates the figure when a big process (pytest) starts us.
+try:
+    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"rss_before": before, "peak_rss": peak, "increase": peak - before, "checksum": total}))
 """
 

@@ -329,11 +329,15 @@ def resolve_resume(cfg: DictConfig, folder: RunFolder) -> ResumePoint | None:
     return ResumePoint(str(path), int(checkpoint.get("global_step", 0)), pending if isinstance(pending, dict) else None)
 
 
-def check_inputs(cfg: DictConfig) -> None:
-    """The tokenizer and the shards the config names exist (checked before the run folder is made)."""
+def check_tokenizer_exists(cfg: DictConfig) -> None:
+    """The tokenizer checkpoint the config names exists (checked before the run folder is made)."""
     problem = missing_tokenizer(cfg)
     if problem:
         raise FileNotFoundError(problem)
+
+
+def check_shards(cfg: DictConfig) -> None:
+    """The shards the config names exist (checked before the run folder is made)."""
     for key in ("train_shards", "val_shards"):
         try:
             expand_shards(cfg.data[key])
@@ -370,10 +374,13 @@ def train(cfg: DictConfig, config_path: str | Path | None = None) -> Path:
         torch.set_num_threads(cfg.trainer.num_threads)
     name = run_name(cfg, config_path)
     folder = RunFolder(Path(cfg.output_dir) / name)
-    check_inputs(cfg)
+    # Untrusted files first (the resume checkpoint here, tokenizer / init_from weights while building):
+    # a malicious file is refused whatever else is missing. Nothing touches the run folder before.
     resume = resolve_resume(cfg, folder)
+    check_tokenizer_exists(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build_task(cfg)
+    check_shards(cfg)
     _prepare_folder(cfg, folder, resume)
     # A resume of a finished run trains nothing and changes nothing in the folder, console.log included.
     finished = resume is not None and 0 < cfg.trainer.max_steps <= resume.step
