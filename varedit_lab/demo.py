@@ -157,7 +157,7 @@ def ensure_cost(paths: DemoPaths, plan: DemoPlan, tokenizer: Path, spec_arms: li
     if path.is_file():
         _say(out, f"cost: reusing {path}")
         return path
-    _say(out, f"cost: timing {', '.join(spec_arms)} alone (train step, edit) before the sweep")
+    _say(out, f"cost: timing {', '.join(spec_arms)} alone (train step, edit), after the sweep")
     cost = measure_cost(experiments_dir() / plan.editor_config, {arm: [f"conditioning.name={arm}"] for arm in spec_arms},
                         editor_overrides(paths, plan, tokenizer))
     for arm, values in cost["strategies"].items():
