@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from varedit_lab.sweep.stats import t_critical, t_power
+from varedit_lab.sweep.stats import MeanCI, t_critical, t_power
 
 SUPPORTED = "supported"
 REFUTED = "refuted at δ"
@@ -33,21 +33,10 @@ MAX_SEEDS = 10_000
 
 
 @dataclass(frozen=True)
-class PairedStats:
-    """Mean of n paired differences with its 95 % t half-width and standard deviation (NaN if n < 2)."""
+class PairedStats(MeanCI):
+    """Mean of n paired differences with its 95 % t half-width (``MeanCI``) and standard deviation (NaN if n < 2)."""
 
-    n: int
-    mean: float
-    sd: float
-    half_width: float
-
-    @property
-    def low(self) -> float:
-        return self.mean - self.half_width
-
-    @property
-    def high(self) -> float:
-        return self.mean + self.half_width
+    sd: float = math.nan
 
     @property
     def has_interval(self) -> bool:
@@ -58,12 +47,12 @@ def paired_t(differences: Sequence[float]) -> PairedStats:
     values = [float(d) for d in differences if d is not None and math.isfinite(float(d))]
     n = len(values)
     if n == 0:
-        return PairedStats(0, math.nan, math.nan, math.nan)
+        return PairedStats(mean=math.nan, half_width=math.nan, n=0)
     mean = statistics.fmean(values)
     if n == 1:
-        return PairedStats(1, mean, math.nan, math.nan)
+        return PairedStats(mean=mean, half_width=math.nan, n=1)
     sd = statistics.stdev(values)
-    return PairedStats(n, mean, sd, t_critical(n - 1) * sd / math.sqrt(n))
+    return PairedStats(mean=mean, half_width=t_critical(n - 1) * sd / math.sqrt(n), n=n, sd=sd)
 
 
 def minimum_detectable_effect(sd: float, n: int) -> float:
